@@ -1,0 +1,1 @@
+"""Ingestion: sources of captioned images into immutable, versioned webdataset shards."""
