@@ -55,6 +55,11 @@ class SourceConfig(_Section):
 
 class DatasetConfig(_Section):
     name: str = Field("shapes", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    version: str = Field(
+        "latest",
+        pattern=r"^(latest|[0-9a-f]{16})$",
+        description="Dataset version to train on: latest accepted, or an explicit id.",
+    )
     source: SourceConfig = SourceConfig()
     resolution: int = Field(64, ge=16, le=2048, multiple_of=8)
     shard_size: int = Field(256, ge=1, le=100_000, description="Samples per webdataset shard.")

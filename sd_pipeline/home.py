@@ -53,3 +53,25 @@ class EmbeddedHome:
     def work_dir(self) -> Path:
         """Scratch space for local compute (model caches, run temp files)."""
         return self.root / "work"
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (dags/, plugins/, configs/ live there)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def airflow_env(home: EmbeddedHome) -> dict[str, str]:
+    """Environment for Airflow on the embedded home: SQLite, LocalExecutor, our DAGs."""
+    root = repo_root()
+    return {
+        "AIRFLOW_HOME": str(home.airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(root / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "SD_PIPELINE_HOME": str(home.root),
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": home.mlflow_tracking_uri,
+    }

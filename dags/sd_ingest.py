@@ -1,0 +1,39 @@
+"""sd_ingest: raw captioned images -> dataset version -> quality gate -> dataset Asset event."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import DAG, Asset, task
+
+from sd_pipeline.airflow import tasks
+from sd_pipeline.airflow.settings import (
+    DEFAULT_ARGS,
+    dataset_asset_name,
+    dataset_asset_uri,
+    pipeline_config,
+)
+
+config = pipeline_config()
+dataset = Asset(name=dataset_asset_name(config), uri=dataset_asset_uri(config))
+
+with DAG(
+    dag_id="sd_ingest",
+    description=f"Ingest {config.dataset.source.uri} into dataset {config.dataset.name}",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    default_args={**DEFAULT_ARGS, "owner": "data-engineering"},
+    tags=["sd-pipeline", "data"],
+    doc_md=__doc__,
+):
+
+    @task(task_id="ingest")
+    def ingest() -> dict:
+        return tasks.ingest()
+
+    @task(task_id="quality_gate", outlets=[dataset])
+    def quality_gate(ingested: dict) -> dict:
+        return tasks.validate(ingested, dataset)
+
+    quality_gate(ingest())

@@ -1,0 +1,48 @@
+"""The trigger form of ``sd_train``: typed Params, and how each maps onto the config.
+
+Bounds match the pydantic config, so a bad value is refused in the form, not mid-run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sd_pipeline.config import PipelineConfig
+
+# Param name -> dotted config field it overrides.
+PARAM_FIELDS: dict[str, str] = {
+    "dataset_version": "dataset.version",
+    "method": "train.method",
+    "steps": "train.steps",
+    "learning_rate": "train.learning_rate",
+    "lora_rank": "train.lora_rank",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+}
+
+
+def train_params(config: PipelineConfig) -> dict[str, Any]:
+    from airflow.sdk import Param
+
+    t = config.train
+    return {
+        "dataset_version": Param(
+            "latest", type="string", title="Dataset version",
+            description="'latest' accepted version, or an explicit 16-hex version id. "
+            "A run started by a new dataset version uses that version.",
+            pattern=r"^(latest|[0-9a-f]{16})$",
+        ),
+        "method": Param(t.method, type="string", enum=["lora", "full"], title="Method",
+                        values_display={"lora": "LoRA adapter", "full": "Full UNet fine-tune"}),
+        "steps": Param(t.steps, type="integer", minimum=1, maximum=1_000_000, title="Training steps"),
+        "learning_rate": Param(t.learning_rate, type="number", exclusiveMinimum=0, maximum=1,
+                               title="Learning rate"),
+        "lora_rank": Param(t.lora_rank, type="integer", minimum=1, maximum=1024, title="LoRA rank"),
+        "batch_size": Param(t.batch_size, type="integer", minimum=1, maximum=4096, title="Batch size"),
+        "seed": Param(t.seed, type="integer", minimum=0, title="Seed"),
+    }
+
+
+def overrides_from_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Dotted config overrides from a run's params (unknown params are ignored)."""
+    return {field: params[name] for name, field in PARAM_FIELDS.items() if name in params}

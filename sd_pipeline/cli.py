@@ -1,0 +1,161 @@
+"""``sd-pipeline``: every stage as a command; the same commands run in GPU pods.
+
+Each stage command prints its small JSON result (and writes it to ``--result-file``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sd_pipeline.config import ConfigError, PipelineConfig, parse_config
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r} must look like section.field=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    from sd_pipeline.stages import load_config_uri
+
+    uri = args.config or os.environ.get("SD_PIPELINE_CONFIG")
+    overrides = _overrides(args.set)
+    if uri:
+        return load_config_uri(uri, overrides)
+    return parse_config({}, overrides, origin="built-in defaults")
+
+
+def _emit(result: dict[str, Any], args: argparse.Namespace) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True, default=str)
+    if getattr(args, "result_file", None):
+        Path(args.result_file).write_text(text)
+    print(text)
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    return stages.ingest(_config(args))
+
+
+def cmd_validate(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    return stages.validate(_config(args), args.version)
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    return stages.prepare_run(_config(args), args.dataset_version)
+
+
+def _run_id(args: argparse.Namespace, config: PipelineConfig) -> str:
+    from sd_pipeline.stages import run_id_for
+
+    return args.run_id or run_id_for(config)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    config = _config(args)
+    return stages.train(config, _run_id(args, config))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    config = _config(args)
+    return stages.evaluate(config, _run_id(args, config))
+
+
+def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    config = _config(args)
+    return stages.register(config, _run_id(args, config))
+
+
+def cmd_setup(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline.demo import setup_embedded_home
+
+    return setup_embedded_home(_config(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline.demo import run_demo
+
+    return run_demo(_config(args), config_path=args.config)
+
+
+def cmd_up(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline.demo import serve_uis
+
+    serve_uis(_config(args))
+    return {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd-pipeline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Any, help: str, run_id: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", help="pipeline YAML, or a run's config.json URI "
+                       "(default: $SD_PIPELINE_CONFIG, else built-in demo defaults)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one config field (repeatable)")
+        p.add_argument("--result-file", help="also write the JSON result here")
+        if run_id:
+            p.add_argument("--run-id", help="run id (default: derived from the resolved config)")
+        p.set_defaults(func=func)
+        return p
+
+    add("ingest", cmd_ingest, "ingest the configured source into a dataset version")
+    add("validate", cmd_validate, "run the quality gate; on success the version becomes LATEST") \
+        .add_argument("--version", required=True, help="dataset version id to validate")
+    add("prepare", cmd_prepare, "pin the dataset version and store a run's resolved config") \
+        .add_argument("--dataset-version", help="version id or 'latest' (default: config)")
+    add("train", cmd_train, "train (resumes the run if it has checkpoints)", run_id=True)
+    add("evaluate", cmd_evaluate, "evaluate a trained run: losses and a sample grid", run_id=True)
+    add("register", cmd_register, "log a run to MLflow and register its model", run_id=True)
+    add("setup", cmd_setup, "prepare the embedded home: raw data, tiny base model, Airflow DB")
+    add("demo", cmd_demo, "run the whole pipeline through Airflow on the embedded home")
+    add("up", cmd_up, "serve the Airflow UI and the MLflow UI for the embedded home")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        result = args.func(args)
+    except ConfigError as err:
+        print(f"sd-pipeline: {err}", file=sys.stderr)
+        return 2
+    if result and args.command not in ("demo", "up"):
+        _emit(result, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

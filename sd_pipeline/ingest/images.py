@@ -1,0 +1,101 @@
+"""Image checks and processing: raw bytes in, a training-ready RGB JPEG or a reason out.
+
+Checks run cheapest first and before decoding pixels where they can (size from the
+header guards against decompression bombs). Output images carry no EXIF, GPS or XMP:
+they are re-encoded from pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # short stable code
+    detail: str  # a sentence for a person
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    jpeg: bytes
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+    format: str
+
+
+def process_image(
+    data: bytes,
+    *,
+    name: str,
+    resolution: int,
+    min_side: int,
+    max_aspect_ratio: float,
+    max_pixels: int,
+) -> ProcessedImage | Rejection:
+    """Check and normalise one image: EXIF orientation, RGB, centre-crop, resize, JPEG."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        return Rejection("empty_file", f"{name} is 0 bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return Rejection("undecodable", f"{name} is not an image Pillow can identify")
+    except Exception as err:  # noqa: BLE001 - any decoder failure is this input's fault
+        return Rejection("undecodable", f"{name}: {type(err).__name__}: {err}")
+    fmt = img.format or "unknown"
+    if fmt not in ACCEPTED_FORMATS:
+        return Rejection("unsupported_format", f"{name} is {fmt}; accepted: {sorted(ACCEPTED_FORMATS)}")
+    w, h = img.size
+    if w * h > max_pixels:
+        return Rejection(
+            "too_many_pixels",
+            f"{name} is {w}x{h} = {w * h} pixels, above dataset.max_pixels={max_pixels}",
+        )
+    if getattr(img, "n_frames", 1) > 1:
+        return Rejection("animated", f"{name} has {img.n_frames} frames; only still images are used")
+    if min(w, h) < min_side:
+        return Rejection("too_small", f"{name} is {w}x{h}, below dataset.min_side={min_side}")
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        return Rejection(
+            "bad_aspect_ratio",
+            f"{name} is {w}x{h} (ratio {max(w, h) / min(w, h):.2f}), above {max_aspect_ratio}",
+        )
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as err:  # noqa: BLE001
+        return Rejection("undecodable", f"{name}: truncated or corrupt ({type(err).__name__}: {err})")
+    orig_w, orig_h = img.size
+    img = _to_rgb(img)
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=95)  # re-encoded from pixels: no EXIF/XMP survives
+    return ProcessedImage(out.getvalue(), resolution, resolution, orig_w, orig_h, fmt)
+
+
+def _to_rgb(img):  # type: ignore[no-untyped-def]
+    """Any mode to RGB; transparency is composited on white, not dropped to black."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        arr = (arr / max(float(arr.max()), 1.0) * 255.0).clip(0, 255).astype("uint8")
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, CMYK, YCbCr, 1, F ...
