@@ -1,0 +1,158 @@
+"""Ingestion: every input lands in the manifest or in quarantine, and versions are immutable."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sd_pipeline.config import parse_config
+from sd_pipeline.ingest.build import ingest
+from sd_pipeline.ingest.images import Rejection, process_image
+from sd_pipeline.ingest.versions import iter_samples, resolve_version, version_prefix
+from sd_pipeline.storage import Store, StoreError
+from sd_pipeline.synthetic import generate_shapes_dataset
+
+
+def _config(tmp_path: Path, raw: Path, root: str | None = None, **dataset: object):
+    return parse_config({
+        "storage": {"root": root or f"file://{tmp_path}/store"},
+        "dataset": {"source": {"uri": f"file://{raw}"}, "shard_size": 100, **dataset},
+    })
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes_dataset(tmp_path_factory.mktemp("raw") / "shapes", count=120)
+
+
+def _parquet(store: Store, key: str):
+    return pq.read_table(io.BytesIO(store.get_bytes(key))).to_pandas()
+
+
+def test_every_input_is_accounted_for_with_a_reason(tmp_path: Path, raw: Path) -> None:
+    cfg = _config(tmp_path, raw)
+    summary = ingest(cfg)
+    store = Store.from_uri(cfg.storage.root)
+    prefix = version_prefix("shapes", summary["version"])
+    manifest = _parquet(store, f"{prefix}/manifest.parquet")
+    quarantine = _parquet(store, f"{prefix}/quarantine.parquet")
+    assert summary["inputs"] == 120 + 7 == len(manifest) + len(quarantine)
+    assert dict(zip(quarantine["source"], quarantine["reason"], strict=True)) == {
+        "images/bad-empty.png": "empty_file",
+        "images/bad-truncated.png": "undecodable",
+        "images/bad-nocaption.png": "empty_caption",
+        "images/bad-tiny.png": "too_small",
+        "images/does-not-exist.png": "missing_file",
+        "metadata.jsonl:126": "bad_metadata",
+        "images/bad-unlisted.png": "unlisted_file",
+    }
+    assert quarantine["detail"].str.len().min() > 10
+    assert set(manifest["split"]) == {"train", "holdout"}
+    assert manifest["sha256"].is_unique and manifest["key"].is_unique
+    assert (manifest[["width", "height"]] == 64).all().all()
+    assert set(manifest["shard"]) == {"shard-000000.tar", "shard-000001.tar"}
+    assert store.is_committed(prefix)
+
+
+def test_shards_hold_the_manifest_samples_as_clean_jpegs(tmp_path: Path, raw: Path) -> None:
+    cfg = _config(tmp_path, raw)
+    version = ingest(cfg)["version"]
+    store = Store.from_uri(cfg.storage.root)
+    manifest = _parquet(store, f"{version_prefix('shapes', version)}/manifest.parquet")
+    samples = list(iter_samples(store, "shapes", version))
+    assert sorted(s.key for s in samples) == sorted(manifest["key"])
+    by_key = manifest.set_index("key")
+    for s in samples[:10]:
+        img = Image.open(io.BytesIO(s.image))
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (64, 64))
+        assert not img.getexif()  # nothing of the source's metadata survives
+        assert s.caption == by_key.loc[s.key, "caption"]
+        assert s.meta["split"] == by_key.loc[s.key, "split"]
+    holdout = list(iter_samples(store, "shapes", version, split="holdout"))
+    assert len(holdout) == (manifest["split"] == "holdout").sum() > 0
+
+
+def test_same_input_same_version_and_nothing_rewritten(tmp_path: Path, raw: Path) -> None:
+    cfg = _config(tmp_path, raw)
+    first = ingest(cfg)
+    store = Store.from_uri(cfg.storage.root)
+    marker = store.get_bytes(f"{version_prefix('shapes', first['version'])}/_COMMITTED")
+    second = ingest(cfg)
+    assert second["version"] == first["version"]
+    assert (first["created"], second["created"]) == (True, False)
+    assert store.get_bytes(f"{version_prefix('shapes', first['version'])}/_COMMITTED") == marker
+    # Different processing is a different version.
+    assert ingest(_config(tmp_path, raw, resolution=32))["version"] != first["version"]
+
+
+def test_versions_are_not_latest_until_the_gate_accepts_them(tmp_path: Path, raw: Path) -> None:
+    cfg = _config(tmp_path, raw)
+    version = ingest(cfg)["version"]
+    store = Store.from_uri(cfg.storage.root)
+    with pytest.raises(StoreError, match="no accepted version yet"):
+        resolve_version(store, "shapes", "latest")
+    assert resolve_version(store, "shapes", version) == version
+    with pytest.raises(StoreError, match="not committed"):
+        resolve_version(store, "shapes", "0" * 16)
+
+
+def test_ingest_writes_to_s3(tmp_path: Path, raw: Path, bucket: str) -> None:
+    cfg = _config(tmp_path, raw, root=f"s3://{bucket}/pipeline")
+    summary = ingest(cfg)
+    store = Store.from_uri(cfg.storage.root)
+    assert summary["uri"].startswith(f"s3://{bucket}/pipeline/datasets/shapes/versions/")
+    assert store.is_committed(version_prefix("shapes", summary["version"]))
+    assert len(list(iter_samples(store, "shapes", summary["version"]))) == summary["accepted"]
+
+
+def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+CHECK = {"name": "x", "resolution": 32, "min_side": 16, "max_aspect_ratio": 3.0, "max_pixels": 10_000}
+
+
+def test_alpha_is_composited_on_white_not_black() -> None:
+    transparent = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    out = process_image(_encode(transparent, "PNG"), **CHECK)
+    assert not isinstance(out, Rejection)
+    assert Image.open(io.BytesIO(out.jpeg)).getpixel((16, 16))[0] > 240
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (60, 30), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    out = process_image(_encode(img, "JPEG", exif=exif), **CHECK)
+    assert not isinstance(out, Rejection)
+    assert (out.orig_width, out.orig_height) == (30, 60)
+
+
+@pytest.mark.parametrize("img, reason", [
+    (Image.new("RGB", (200, 200)), "too_many_pixels"),
+    (Image.new("RGB", (100, 20)), "bad_aspect_ratio"),
+    (Image.new("RGB", (10, 10)), "too_small"),
+])
+def test_image_checks_have_reason_codes(img: Image.Image, reason: str) -> None:
+    out = process_image(_encode(img, "PNG"), **CHECK)
+    assert isinstance(out, Rejection) and out.reason == reason
+
+
+def test_cmyk_and_16_bit_become_rgb() -> None:
+    for img in (Image.new("CMYK", (40, 40), (0, 255, 255, 0)), Image.new("I;16", (40, 40), 4000)):
+        fmt = "JPEG" if img.mode == "CMYK" else "PNG"
+        out = process_image(_encode(img, fmt), **CHECK)
+        assert not isinstance(out, Rejection)
+        assert Image.open(io.BytesIO(out.jpeg)).mode == "RGB"
+
+
+def test_ingest_summary_is_json(tmp_path: Path, raw: Path) -> None:
+    summary = ingest(_config(tmp_path, raw))
+    assert json.loads(json.dumps(summary)) == summary
