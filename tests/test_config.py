@@ -65,3 +65,11 @@ def test_fingerprint_follows_content(home: Path) -> None:
     a, b = parse_config({}), parse_config({})
     assert a.fingerprint() == b.fingerprint()
     assert parse_config({}, {"train.seed": 1}).fingerprint() != a.fingerprint()
+
+
+def test_config_reference_doc_is_current() -> None:
+    from sd_pipeline.config import reference_markdown
+
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert doc.strip() == reference_markdown().strip(), (
+        "docs/config.md is stale: run `python -m sd_pipeline.config > docs/config.md`")

@@ -1,0 +1,80 @@
+"""The spine end to end, as `make demo` runs it: Airflow runs both DAGs on a fresh home.
+
+Asserts on what a user gets (an accepted dataset version, a registered model version in
+MLflow with its alias, a sample grid, a quality report), not only on exit codes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    home = tmp_path_factory.mktemp("demo-home")
+    env = {**os.environ, "SD_PIPELINE_HOME": str(home), "GX_ANALYTICS_ENABLED": "false"}
+    cli = Path(sys.executable).with_name("sd-pipeline")
+    out = subprocess.run([str(cli), "demo", "--config", str(REPO / "configs" / "demo.yaml"),
+                          "--set", "train.steps=20"],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert out.returncode == 0, f"demo failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return home, out.stdout
+
+
+def test_demo_prints_the_summary(demo_home: tuple[Path, str]) -> None:
+    _, stdout = demo_home
+    for label in ("dataset version", "quality gate      passed", "MLflow run", "registered model",
+                  "sample grid", "quality report"):
+        assert label in stdout
+
+
+def test_airflow_ran_both_dags_successfully(demo_home: tuple[Path, str]) -> None:
+    home, _ = demo_home
+    env = {**os.environ, "AIRFLOW_HOME": str(home / "airflow"), "SD_PIPELINE_HOME": str(home),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")}
+    airflow = Path(sys.executable).with_name("airflow")
+    for dag in ("sd_ingest", "sd_train"):
+        out = subprocess.run([str(airflow), "dags", "list-runs", dag, "-o", "json"], env=env,
+                             capture_output=True, text=True, check=True)
+        assert '"state": "success"' in out.stdout, out.stdout
+
+
+def test_model_is_registered_with_alias_and_lineage(demo_home: tuple[Path, str]) -> None:
+    home, _ = demo_home
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow/mlflow.db",
+                          registry_uri=f"sqlite:///{home}/mlflow/mlflow.db")
+    mv = client.get_model_version_by_alias("sd-demo-shapes", "challenger")
+    assert mv.version == "1"
+    run = client.get_run(mv.run_id)
+    version = (home / "store" / "datasets" / "shapes" / "LATEST").read_text().strip()
+    assert run.data.tags["dataset.version"] == version
+    assert run.data.params["train.steps"] == "20"
+    assert run.data.metrics["holdout_loss"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/grid.png", "eval/metrics.json"} <= artifacts
+
+
+def test_grid_and_quality_report_are_in_the_store(demo_home: tuple[Path, str]) -> None:
+    from PIL import Image
+
+    home, _ = demo_home
+    store = home / "store"
+    grids = list(store.glob("runs/*/eval/grid.png"))
+    assert len(grids) == 1
+    img = Image.open(io.BytesIO(grids[0].read_bytes()))
+    assert img.size[0] >= 64 * 2 and img.size[1] >= 64 * 4  # 2 seeds x 4 prompts
+    version = (store / "datasets" / "shapes" / "LATEST").read_text().strip()
+    quality = store / "datasets" / "shapes" / "versions" / version / "quality"
+    assert (quality / "validation.json").exists()
+    assert "expect" in (quality / "index.html").read_text().lower()
