@@ -72,6 +72,9 @@ class DatasetConfig(_Section):
         40_000_000, ge=1, description="Decompression-bomb guard, checked before decoding."
     )
     caption_max_chars: int = Field(1000, ge=1)
+    workers: int = Field(
+        0, ge=0, le=256, description="Processes decoding images; 0 = one per CPU, 1 = in-process."
+    )
 
 
 class QualityConfig(_Section):

@@ -156,3 +156,11 @@ def test_cmyk_and_16_bit_become_rgb() -> None:
 def test_ingest_summary_is_json(tmp_path: Path, raw: Path) -> None:
     summary = ingest(_config(tmp_path, raw))
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_worker_pool_gives_the_same_version_as_one_process(tmp_path: Path) -> None:
+    raw = generate_shapes_dataset(tmp_path / "raw", count=300, size=48)  # > one pool batch
+    one = ingest(_config(tmp_path, raw, root=f"file://{tmp_path}/a", workers=1))
+    two = ingest(_config(tmp_path, raw, root=f"file://{tmp_path}/b", workers=2))
+    assert one["version"] == two["version"]
+    assert one["accepted"] == 300

@@ -12,8 +12,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 import unicodedata
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -48,6 +53,40 @@ def check_caption(caption: str, max_chars: int) -> Rejection | str:
     return text
 
 
+BATCH = 256  # images handed to the worker pool at a time: bounds raw bytes held in memory
+
+
+def _process_named(data: bytes, name: str, check: Callable[..., Any]) -> ProcessedImage | Rejection:
+    return check(data, name=name)
+
+
+class _LazyPool:
+    """A process pool for decoding and resizing, started only once a full batch shows the
+    input is big enough to repay its start-up (about a second per worker)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: Executor | None = None
+
+    def get(self, full_batch: bool) -> Executor | None:
+        if self.pool is None and full_batch and self.workers > 1:
+            import multiprocessing as mp
+
+            # spawn, not fork: the caller may be an Airflow task runner with threads and sockets.
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        return self.pool
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[_LazyPool]:
+    lazy = _LazyPool(workers)
+    try:
+        yield lazy
+    finally:
+        if lazy.pool is not None:
+            lazy.pool.shutdown()
+
+
 def _split_of(key: str, holdout_fraction: float) -> str:
     return "holdout" if int(key[:8], 16) / 0xFFFFFFFF < holdout_fraction else "train"
 
@@ -72,39 +111,55 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     quarantine: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     n_inputs = 0
-    for item in read_imagefolder(Path(src.path)):
-        n_inputs += 1
-        if isinstance(item, SourceRejection):
-            quarantine.append({"source": item.source, "reason": item.reason, "detail": item.detail})
-            continue
-        assert isinstance(item, SourceItem)
-        caption = check_caption(item.caption, ds.caption_max_chars)
-        if isinstance(caption, Rejection):
-            quarantine.append({"source": item.source, "reason": caption.reason,
-                               "detail": f"{item.source}: {caption.detail}"})
-            continue
-        digest = hashlib.sha256(item.data).hexdigest()
-        if digest in seen:
-            quarantine.append({"source": item.source, "reason": "duplicate_image",
-                               "detail": f"{item.source} has the same bytes as {seen[digest]}"})
-            continue
-        result = process_image(
-            item.data, name=item.source, resolution=ds.resolution, min_side=ds.min_side,
-            max_aspect_ratio=ds.max_aspect_ratio, max_pixels=ds.max_pixels,
-        )
-        if isinstance(result, Rejection):
-            quarantine.append({"source": item.source, "reason": result.reason, "detail": result.detail})
-            continue
-        assert isinstance(result, ProcessedImage)
-        seen[digest] = item.source
-        key = digest[:20]
-        images[key] = result.jpeg
-        accepted.append({
-            "key": key, "split": _split_of(key, ds.holdout_fraction), "source": item.source,
-            "caption": caption, "sha256": digest, "width": result.width, "height": result.height,
-            "orig_width": result.orig_width, "orig_height": result.orig_height,
-            "format": result.format, **{f"meta_{k}": v for k, v in item.extra.items()},
-        })
+    check = partial(process_image, resolution=ds.resolution, min_side=ds.min_side,
+                    max_aspect_ratio=ds.max_aspect_ratio, max_pixels=ds.max_pixels)
+    pending: list[tuple[SourceItem, str, str]] = []  # (item, clean caption, sha256)
+
+    def flush(lazy: _LazyPool) -> None:
+        pool = lazy.get(full_batch=len(pending) >= BATCH)
+        datas = [item.data for item, _, _ in pending]
+        names = [item.source for item, _, _ in pending]
+        results = (pool.map(_process_named, datas, names, [check] * len(datas), chunksize=8)
+                   if pool else map(_process_named, datas, names, [check] * len(datas)))
+        for (item, caption, digest), result in zip(pending, results, strict=True):
+            if isinstance(result, Rejection):
+                quarantine.append({"source": item.source, "reason": result.reason,
+                                   "detail": result.detail})
+                continue
+            key = digest[:20]
+            images[key] = result.jpeg
+            accepted.append({
+                "key": key, "split": _split_of(key, ds.holdout_fraction), "source": item.source,
+                "caption": caption, "sha256": digest, "width": result.width,
+                "height": result.height, "orig_width": result.orig_width,
+                "orig_height": result.orig_height, "format": result.format,
+                **{f"meta_{k}": v for k, v in item.extra.items()},
+            })
+        pending.clear()
+
+    workers = ds.workers or os.cpu_count() or 1
+    with _pool(workers) as pool:
+        for item in read_imagefolder(Path(src.path)):
+            n_inputs += 1
+            if isinstance(item, SourceRejection):
+                quarantine.append({"source": item.source, "reason": item.reason,
+                                   "detail": item.detail})
+                continue
+            caption = check_caption(item.caption, ds.caption_max_chars)
+            if isinstance(caption, Rejection):
+                quarantine.append({"source": item.source, "reason": caption.reason,
+                                   "detail": f"{item.source}: {caption.detail}"})
+                continue
+            digest = hashlib.sha256(item.data).hexdigest()
+            if digest in seen:
+                quarantine.append({"source": item.source, "reason": "duplicate_image",
+                                   "detail": f"{item.source} has the same bytes as {seen[digest]}"})
+                continue
+            seen[digest] = item.source
+            pending.append((item, caption, digest))
+            if len(pending) >= BATCH:
+                flush(pool)
+        flush(pool)
 
     accepted.sort(key=lambda r: r["key"])
     for i, row in enumerate(accepted):
