@@ -147,11 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from sd_pipeline.stages import QualityGateFailed
+    from sd_pipeline.storage import StoreError
+
     try:
         result = args.func(args)
     except ConfigError as err:
         print(f"sd-pipeline: {err}", file=sys.stderr)
         return 2
+    except QualityGateFailed as err:
+        print(f"sd-pipeline: {err}", file=sys.stderr)
+        return 3
+    except (StoreError, FileNotFoundError) as err:  # a missing input: say which, no traceback
+        print(f"sd-pipeline: {err}", file=sys.stderr)
+        return 1
     if result and args.command not in ("demo", "up"):
         _emit(result, args)
     return 0
