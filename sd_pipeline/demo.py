@@ -51,13 +51,15 @@ def setup_embedded_home(config: PipelineConfig) -> dict[str, Any]:
         made["base_model"] = str(base)
     env = {**os.environ, **airflow_env(home)}
     stamp = home.airflow_home / ".migrated"
-    import airflow
+    # Not `import airflow`: that would write an airflow.cfg under ~/airflow of this process.
+    from importlib.metadata import version
 
-    if not stamp.exists() or stamp.read_text() != airflow.__version__:
+    airflow_version = version("apache-airflow-core")
+    if not stamp.exists() or stamp.read_text() != airflow_version:
         home.airflow_home.mkdir(parents=True, exist_ok=True)
         subprocess.run([_airflow_bin(), "db", "migrate"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        stamp.write_text(airflow.__version__)
+        stamp.write_text(airflow_version)
     made["airflow_home"] = str(home.airflow_home)
     home.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     return made
