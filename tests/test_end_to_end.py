@@ -55,7 +55,7 @@ def test_model_is_registered_with_alias_and_lineage(demo_home: tuple[Path, str])
     client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow/mlflow.db",
                           registry_uri=f"sqlite:///{home}/mlflow/mlflow.db")
     mv = client.get_model_version_by_alias("sd-demo-shapes", "challenger")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     run = client.get_run(mv.run_id)
     version = (home / "store" / "datasets" / "shapes" / "LATEST").read_text().strip()
     assert run.data.tags["dataset.version"] == version
