@@ -27,7 +27,10 @@ SHAPES = ("circle", "square", "triangle", "star")
 
 # (file name, metadata line or None, raw bytes or None) — each is one quarantine reason.
 BAD_INPUTS = ("empty_file", "undecodable", "empty_caption", "too_small", "missing_file",
-              "bad_metadata", "unlisted_file")
+              "bad_metadata", "unlisted_file", "near_duplicate")
+# Good samples stay this far apart (in colour-hash bits), so only the planted copy is a
+# near duplicate; re-rolling the jitter is deterministic.
+MIN_DISTANCE = 6
 
 
 def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -85,11 +88,23 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
         return out_dir
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    from sd_pipeline.ingest.dedup import NearDuplicateIndex
+    from sd_pipeline.ingest.images import dhash
+
     rng = random.Random(seed + 1)
+    index = NearDuplicateIndex(MIN_DISTANCE)
     lines: list[str] = []
     for i, (shape, color, background) in enumerate(captions_for(count, seed)):
         name = f"images/{i:05d}.png"
-        (out_dir / name).write_bytes(render_shape(shape, color, background, size, rng))
+        for _ in range(50):
+            png = render_shape(shape, color, background, size, rng)
+            h = dhash(Image.open(io.BytesIO(png)))
+            if index.find(h) is None:
+                break
+        index.add(h, name)
+        (out_dir / name).write_bytes(png)
         lines.append(json.dumps({"file_name": name, "text": caption_text(shape, color, background)}))
 
     # The bad inputs: each must end in quarantine with its own reason code.
@@ -104,6 +119,11 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
     lines.append(json.dumps({"file_name": "images/bad-tiny.png", "text": "a blue star on a black background"}))
     lines.append(json.dumps({"file_name": "images/does-not-exist.png", "text": "a ghost"}))
     lines.append('{"file_name": "images/00000.png", "text": ')  # cut-off line
+    first = Image.open(out_dir / "images/00000.png").convert("RGB").resize((size + 32, size + 32))
+    copy = io.BytesIO()
+    first.save(copy, format="JPEG", quality=70)  # re-encoded and resized: same picture
+    (images / "bad-nearcopy.jpg").write_bytes(copy.getvalue())
+    lines.append(json.dumps({"file_name": "images/bad-nearcopy.jpg", "text": "a near copy"}))
     (images / "bad-unlisted.png").write_bytes(render_shape("circle", "purple", "orange", size, rng))
 
     (out_dir / "metadata.jsonl").write_text("\n".join(lines) + "\n")

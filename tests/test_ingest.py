@@ -41,7 +41,7 @@ def test_every_input_is_accounted_for_with_a_reason(tmp_path: Path, raw: Path) -
     prefix = version_prefix("shapes", summary["version"])
     manifest = _parquet(store, f"{prefix}/manifest.parquet")
     quarantine = _parquet(store, f"{prefix}/quarantine.parquet")
-    assert summary["inputs"] == 120 + 7 == len(manifest) + len(quarantine)
+    assert summary["inputs"] == 120 + 8 == len(manifest) + len(quarantine)
     assert dict(zip(quarantine["source"], quarantine["reason"], strict=True)) == {
         "images/bad-empty.png": "empty_file",
         "images/bad-truncated.png": "undecodable",
@@ -50,6 +50,7 @@ def test_every_input_is_accounted_for_with_a_reason(tmp_path: Path, raw: Path) -
         "images/does-not-exist.png": "missing_file",
         "metadata.jsonl:126": "bad_metadata",
         "images/bad-unlisted.png": "unlisted_file",
+        "images/bad-nearcopy.jpg": "near_duplicate",
     }
     assert quarantine["detail"].str.len().min() > 10
     assert set(manifest["split"]) == {"train", "holdout"}
@@ -164,3 +165,43 @@ def test_worker_pool_gives_the_same_version_as_one_process(tmp_path: Path) -> No
     two = ingest(_config(tmp_path, raw, root=f"file://{tmp_path}/b", workers=2))
     assert one["version"] == two["version"]
     assert one["accepted"] == 300
+
+
+def test_near_duplicate_index_agrees_with_brute_force() -> None:
+    import random
+
+    from sd_pipeline.ingest.dedup import NearDuplicateIndex
+    from sd_pipeline.ingest.images import hamming
+
+    rng = random.Random(0)
+    base = [rng.getrandbits(192) for _ in range(40)]
+    # Plant neighbours at known distances from some of the base hashes.
+    probes = [b ^ sum(1 << rng.randrange(192) for _ in range(d)) for b, d in zip(base, [0, 1, 2, 3, 5] * 8, strict=False)]
+    for k in (0, 2, 4):
+        index = NearDuplicateIndex(k)
+        for i, h in enumerate(base):
+            index.add(h, str(i))
+        for p in probes:
+            brute = min((hamming(p, h) for h in base), default=999)
+            found = index.find(p)
+            assert (found is not None) == (brute <= k)
+            if found:
+                assert found[1] == brute
+
+
+def test_a_recoloured_picture_is_not_a_near_duplicate() -> None:
+    from sd_pipeline.ingest.images import dhash, hamming
+
+    red = Image.new("RGB", (64, 64), "white")
+    blue = Image.new("RGB", (64, 64), "white")
+    for img, colour in ((red, (220, 30, 30)), (blue, (30, 30, 220))):
+        for x in range(16, 48):
+            for y in range(16, 48):
+                img.putpixel((x, y), colour)
+    assert hamming(dhash(red), dhash(blue)) > 4
+    # Ingest hashes the processed image: both pass through the same crop and resize.
+    kw = {**CHECK, "max_pixels": 10**6}
+    original = process_image(_encode(red, "PNG"), **kw)
+    reencoded = process_image(_encode(red.resize((90, 90)), "JPEG", quality=60), **kw)
+    assert not isinstance(original, Rejection) and not isinstance(reencoded, Rejection)
+    assert hamming(original.dhash, reencoded.dhash) <= 2

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sd_pipeline.config import PipelineConfig
+from sd_pipeline.ingest.dedup import NearDuplicateIndex
 from sd_pipeline.ingest.imagefolder import SourceItem, SourceRejection, read_imagefolder
 from sd_pipeline.ingest.images import ProcessedImage, Rejection, process_image
 from sd_pipeline.ingest.shards import ShardSample, write_shard
@@ -34,7 +35,7 @@ log = logging.getLogger("sd_pipeline.ingest")
 
 MANIFEST_COLUMNS = [
     "key", "shard", "split", "source", "caption", "sha256",
-    "width", "height", "orig_width", "orig_height", "format",
+    "width", "height", "orig_width", "orig_height", "format", "dhash",
 ]
 QUARANTINE_COLUMNS = ["source", "reason", "detail"]
 
@@ -114,6 +115,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     check = partial(process_image, resolution=ds.resolution, min_side=ds.min_side,
                     max_aspect_ratio=ds.max_aspect_ratio, max_pixels=ds.max_pixels)
     pending: list[tuple[SourceItem, str, str]] = []  # (item, clean caption, sha256)
+    dedup = NearDuplicateIndex(ds.near_duplicate_distance) if ds.near_duplicate_distance >= 0 else None
 
     def flush(lazy: _LazyPool) -> None:
         pool = lazy.get(full_batch=len(pending) >= BATCH)
@@ -126,6 +128,16 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                 quarantine.append({"source": item.source, "reason": result.reason,
                                    "detail": result.detail})
                 continue
+            if dedup is not None:
+                match = dedup.find(result.dhash)
+                if match is not None:
+                    quarantine.append({
+                        "source": item.source, "reason": "near_duplicate",
+                        "detail": f"{item.source} looks like {match[0]} "
+                                  f"({match[1]} of 192 hash bits differ; "
+                                  f"dataset.near_duplicate_distance={ds.near_duplicate_distance})"})
+                    continue
+                dedup.add(result.dhash, item.source)
             key = digest[:20]
             images[key] = result.jpeg
             accepted.append({
@@ -133,6 +145,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                 "caption": caption, "sha256": digest, "width": result.width,
                 "height": result.height, "orig_width": result.orig_width,
                 "orig_height": result.orig_height, "format": result.format,
+                "dhash": f"{result.dhash:048x}",
                 **{f"meta_{k}": v for k, v in item.extra.items()},
             })
         pending.clear()
@@ -173,7 +186,8 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     quarantined = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
     processing = {"resolution": ds.resolution, "min_side": ds.min_side,
                   "max_aspect_ratio": ds.max_aspect_ratio, "shard_size": ds.shard_size,
-                  "holdout_fraction": ds.holdout_fraction, "format": "jpeg-q95"}
+                  "holdout_fraction": ds.holdout_fraction, "format": "jpeg-q95",
+                  "near_duplicate_distance": ds.near_duplicate_distance}
     version = hashlib.sha256(json.dumps(
         {"manifest": accepted, "quarantine": quarantine, "processing": processing},
         sort_keys=True, default=str).encode()).hexdigest()[:16]
