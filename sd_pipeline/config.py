@@ -75,6 +75,11 @@ class DatasetConfig(_Section):
     workers: int = Field(
         0, ge=0, le=256, description="Processes decoding images; 0 = one per CPU, 1 = in-process."
     )
+    near_duplicate_distance: int = Field(
+        2, ge=-1, le=32,
+        description="Images whose colour difference hashes differ in at most this many of 192 "
+        "bits are near duplicates: the first is kept, the others quarantined. -1 turns it off.",
+    )
 
 
 class QualityConfig(_Section):
