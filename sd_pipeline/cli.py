@@ -99,7 +99,7 @@ def cmd_setup(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from sd_pipeline.demo import run_demo
 
-    return run_demo(_config(args), config_path=args.config)
+    return run_demo(_config(args))
 
 
 def cmd_up(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sd_pipeline.config import PipelineConfig
-from sd_pipeline.home import EmbeddedHome, airflow_env, repo_root
+from sd_pipeline.home import EmbeddedHome, airflow_env
 from sd_pipeline.ingest.versions import latest_key, version_prefix
 from sd_pipeline.storage import Store
 
@@ -85,13 +85,15 @@ def run_dag(dag_id: str, env: dict[str, str], log_dir: Path, conf: str | None = 
     return seconds
 
 
-def run_demo(config: PipelineConfig, config_path: str | None = None) -> dict[str, Any]:
+def run_demo(config: PipelineConfig) -> dict[str, Any]:
     started = time.perf_counter()
     home = EmbeddedHome.from_env()
     print(f"==> preparing the embedded home {home.root}", flush=True)
     setup_embedded_home(config)
-    env = {**os.environ, **airflow_env(home),
-           "SD_PIPELINE_CONFIG": str(Path(config_path or repo_root() / "configs" / "demo.yaml").resolve())}
+    # The DAGs read their config from a file: hand them this one, --set overrides included.
+    resolved = home.root / "pipeline.json"
+    resolved.write_text(config.to_json())
+    env = {**os.environ, **airflow_env(home), "SD_PIPELINE_CONFIG": str(resolved)}
     log_dir = home.root / "logs"
     timings = {dag: run_dag(dag, env, log_dir) for dag in ("sd_ingest", "sd_train")}
     summary = demo_summary(config)
