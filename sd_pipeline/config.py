@@ -82,12 +82,66 @@ class DatasetConfig(_Section):
     )
 
 
+DEFAULT_BIAS_TERMS: dict[str, list[str]] = {
+    "gender_female": ["woman", "women", "girl", "girls", "female", "she", "her", "lady"],
+    "gender_male": ["man", "men", "boy", "boys", "male", "he", "his", "gentleman"],
+    "age_child": ["child", "children", "kid", "kids", "baby", "toddler"],
+    "age_elderly": ["old", "elderly", "senior", "aged"],
+    "skin_tone": ["dark-skinned", "light-skinned", "black person", "white person"],
+}
+
+
 class QualityConfig(_Section):
     min_rows: int = Field(50, ge=1)
     caption_min_chars: int = Field(3, ge=1)
     caption_max_chars: int = Field(1000, ge=1)
     min_side: int = Field(16, ge=1, description="Minimum width/height after processing.")
+    max_aspect_ratio: float = Field(
+        4.0, ge=1.0, description="Largest long/short side ratio of the source images."
+    )
     max_quarantine_rate: float = Field(0.2, ge=0.0, le=1.0)
+    max_near_duplicate_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Share of inputs quarantined as near duplicates."
+    )
+    max_unsafe_rate: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Share of inputs flagged or quarantined as unsafe (classifier or blocklist).",
+    )
+    allowed_licenses: list[str] | None = Field(
+        None, description="When set and the metadata has a license column, every value must be in it."
+    )
+    max_drift: float = Field(
+        0.5, ge=0.0,
+        description="Largest relative change of mean caption length and median image side "
+        "against the previous accepted version.",
+    )
+    privacy_sample: int = Field(
+        64, ge=0, description="Shard images re-opened to check no EXIF/GPS/XMP survived; 0 = off."
+    )
+    bias_terms: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_BIAS_TERMS.items()},
+        description="Term groups counted in captions for the bias report (whole words, any case).",
+    )
+
+
+class SafetyConfig(_Section):
+    caption_blocklist: list[str] = Field(
+        default_factory=lambda: ["nsfw", "nude", "naked", "gore", "porn"],
+        description="Whole words or phrases (any case) that mark a caption unsafe.",
+    )
+    classifier: str | None = Field(
+        None,
+        description="Image-classification model in Hugging Face format (local path or s3:// "
+        "prefix) that scores each image; None = captions only.",
+    )
+    unsafe_labels: list[str] = Field(
+        default_factory=lambda: ["nsfw", "unsafe", "porn", "hentai", "sexy"],
+        description="Classifier labels whose summed probability is the unsafe score.",
+    )
+    threshold: float = Field(0.8, ge=0.0, le=1.0, description="Unsafe score at or above which to act.")
+    action: Literal["quarantine", "flag"] = Field(
+        "quarantine", description="Quarantine unsafe inputs, or keep them flagged in the manifest."
+    )
 
 
 class ModelConfig(_Section):
@@ -161,6 +215,7 @@ class PipelineConfig(_Section):
     storage: StorageConfig = StorageConfig()
     dataset: DatasetConfig = DatasetConfig()
     quality: QualityConfig = QualityConfig()
+    safety: SafetyConfig = SafetyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     compute: ComputeConfig = ComputeConfig()

@@ -29,13 +29,14 @@ from sd_pipeline.ingest.imagefolder import SourceItem, SourceRejection, read_ima
 from sd_pipeline.ingest.images import ProcessedImage, Rejection, process_image
 from sd_pipeline.ingest.shards import ShardSample, write_shard
 from sd_pipeline.ingest.versions import version_prefix
+from sd_pipeline.quality.safety import blocklisted_term
 from sd_pipeline.storage import Store
 
 log = logging.getLogger("sd_pipeline.ingest")
 
 MANIFEST_COLUMNS = [
     "key", "shard", "split", "source", "caption", "sha256",
-    "width", "height", "orig_width", "orig_height", "format", "dhash",
+    "width", "height", "orig_width", "orig_height", "format", "dhash", "unsafe_score", "unsafe",
 ]
 QUARANTINE_COLUMNS = ["source", "reason", "detail"]
 
@@ -92,6 +93,44 @@ def _split_of(key: str, holdout_fraction: float) -> str:
     return "holdout" if int(key[:8], 16) / 0xFFFFFFFF < holdout_fraction else "train"
 
 
+def _apply_safety(
+    config: PipelineConfig,
+    accepted: list[dict[str, Any]],
+    images: dict[str, bytes],
+    quarantine: list[dict[str, str]],
+    flagged_captions: dict[str, str],
+) -> None:
+    """Score accepted images with the configured classifier; quarantine or flag the unsafe.
+
+    Every accepted row gets ``unsafe_score`` (NaN without a classifier) and ``unsafe``
+    (flagged by the classifier or, with action ``flag``, by the caption blocklist).
+    """
+    safety = config.safety
+    scores: list[float] = [float("nan")] * len(accepted)
+    if safety.classifier and accepted:
+        from sd_pipeline.home import EmbeddedHome
+        from sd_pipeline.models.base import resolve_base_model
+        from sd_pipeline.quality.safety import ImageSafetyClassifier
+
+        path = resolve_base_model(safety.classifier, EmbeddedHome.from_env().work_dir / "classifiers",
+                                  endpoint_url=config.storage.endpoint_url, required_file="config.json")
+        classifier = ImageSafetyClassifier(path, safety.unsafe_labels)
+        scores = classifier.score([images[row["key"]] for row in accepted])
+    kept = []
+    for row, score in zip(accepted, scores, strict=True):
+        unsafe_image = score == score and score >= safety.threshold  # NaN never is
+        if unsafe_image and safety.action == "quarantine":
+            quarantine.append({"source": row["source"], "reason": "unsafe_image",
+                               "detail": f"{row['source']}: unsafe score {score:.3f} >= "
+                                         f"safety.threshold={safety.threshold}"})
+            del images[row["key"]]
+            continue
+        row["unsafe_score"] = score
+        row["unsafe"] = bool(unsafe_image or row["source"] in flagged_captions)
+        kept.append(row)
+    accepted[:] = kept
+
+
 def ingest(config: PipelineConfig) -> dict[str, Any]:
     """Ingest the configured source into a committed dataset version; returns its summary."""
     import pandas as pd
@@ -115,6 +154,8 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     check = partial(process_image, resolution=ds.resolution, min_side=ds.min_side,
                     max_aspect_ratio=ds.max_aspect_ratio, max_pixels=ds.max_pixels)
     pending: list[tuple[SourceItem, str, str]] = []  # (item, clean caption, sha256)
+    safety = config.safety
+    flagged_captions: dict[str, str] = {}
     dedup = NearDuplicateIndex(ds.near_duplicate_distance) if ds.near_duplicate_distance >= 0 else None
 
     def flush(lazy: _LazyPool) -> None:
@@ -163,6 +204,14 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                 quarantine.append({"source": item.source, "reason": caption.reason,
                                    "detail": f"{item.source}: {caption.detail}"})
                 continue
+            term = blocklisted_term(caption, safety.caption_blocklist)
+            if term is not None and safety.action == "quarantine":
+                quarantine.append({"source": item.source, "reason": "unsafe_caption",
+                                   "detail": f"{item.source}: caption contains blocklisted {term!r} "
+                                             "(safety.caption_blocklist)"})
+                continue
+            if term is not None:
+                flagged_captions[item.source] = term
             digest = hashlib.sha256(item.data).hexdigest()
             if digest in seen:
                 quarantine.append({"source": item.source, "reason": "duplicate_image",
@@ -174,6 +223,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                 flush(pool)
         flush(pool)
 
+    _apply_safety(config, accepted, images, quarantine, flagged_captions)
     accepted.sort(key=lambda r: r["key"])
     for i, row in enumerate(accepted):
         row["shard"] = f"shard-{i // ds.shard_size:06d}.tar"
@@ -187,7 +237,8 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     processing = {"resolution": ds.resolution, "min_side": ds.min_side,
                   "max_aspect_ratio": ds.max_aspect_ratio, "shard_size": ds.shard_size,
                   "holdout_fraction": ds.holdout_fraction, "format": "jpeg-q95",
-                  "near_duplicate_distance": ds.near_duplicate_distance}
+                  "near_duplicate_distance": ds.near_duplicate_distance,
+                  "safety": config.safety.model_dump(mode="json")}
     version = hashlib.sha256(json.dumps(
         {"manifest": accepted, "quarantine": quarantine, "processing": processing},
         sort_keys=True, default=str).encode()).hexdigest()[:16]

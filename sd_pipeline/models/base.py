@@ -36,7 +36,9 @@ def default_cache_dir() -> Path:
     return EmbeddedHome.from_env().work_dir / "base-models"
 
 
-def resolve_base_model(base: str, cache_dir: Path, *, endpoint_url: str | None = None) -> Path:
+def resolve_base_model(
+    base: str, cache_dir: Path, *, endpoint_url: str | None = None, required_file: str = "model_index.json"
+) -> Path:
     """Return a local folder holding the model ``base`` names.
 
     A local path (or ``file://`` URI) is returned as is. An ``s3://bucket/prefix`` is copied
@@ -46,9 +48,9 @@ def resolve_base_model(base: str, cache_dir: Path, *, endpoint_url: str | None =
     parsed = urlparse(base)
     if parsed.scheme in ("", "file"):
         path = Path(parsed.path if parsed.scheme == "file" else base).expanduser()
-        if not (path / "model_index.json").is_file():
+        if not (path / required_file).is_file():
             raise FileNotFoundError(
-                f"base model {base!r} is not a diffusers model folder (no model_index.json); "
+                f"model {base!r} is not a saved model folder (no {required_file}); "
                 "set model.base to a folder saved with save_pretrained, or build the demo model "
                 "with sd_pipeline.models.tiny.build_tiny_sd"
             )
@@ -62,9 +64,9 @@ def resolve_base_model(base: str, cache_dir: Path, *, endpoint_url: str | None =
         return target
     store = Store.from_uri(f"s3://{bucket}", endpoint_url)
     keys = [k for k in store.list(prefix) if not k.endswith(f"/{COMMITTED}")]
-    if not any(k.endswith("model_index.json") for k in keys):
+    if not any(k.endswith(required_file) for k in keys):
         raise FileNotFoundError(
-            f"base model {base!r} holds no model_index.json; upload a diffusers model folder "
+            f"model {base!r} holds no {required_file}; upload a model folder "
             "(save_pretrained output) under that prefix"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
