@@ -55,41 +55,25 @@ def validate(config: PipelineConfig, version: str) -> dict[str, Any]:
     A failed gate marks the version rejected, leaves ``LATEST`` untouched and raises
     :class:`QualityGateFailed` with the human summary.
     """
-    import pyarrow.parquet as pq
-
-    from sd_pipeline.quality.gate import validate_manifest, write_quality_report
+    from sd_pipeline.quality.version_gate import gate_version
 
     ds = config.dataset
     store = store_for(config)
     prefix = version_prefix(ds.name, version)
     if not store.is_committed(prefix):
         raise FileNotFoundError(f"dataset version {store.uri(prefix)} is not committed; ingest first")
-    manifest = pq.read_table(_bytes_io(store.get_bytes(f"{prefix}/manifest.parquet"))).to_pandas()
-    quarantined = pq.read_table(_bytes_io(store.get_bytes(f"{prefix}/quarantine.parquet"))).num_rows
-    result = validate_manifest(manifest, quarantined, config.quality)
-    report = write_quality_report(store, prefix, result)
-    verdict = {
-        "dataset": ds.name, "version": version, "passed": result.passed,
-        "failures": [f.get("expectation", str(f)) for f in result.failures],
-        "thresholds": config.quality.model_dump(mode="json"),
-        **report,
-    }
-    store.put_json(f"{prefix}/quality/verdict.json", verdict)
-    if not result.passed:
+    verdict, summary = gate_version(config, store, version)
+    if not verdict["passed"]:
         store.put_json(f"{prefix}/REJECTED", verdict)
         raise QualityGateFailed(
             f"dataset {ds.name} version {version} failed its quality gate; LATEST is unchanged.\n"
-            f"{result.summary()}\nreport: {report.get('report_uri')}"
+            f"{summary}\nreport: {verdict.get('report_uri')}"
         )
+    if store.exists(f"{prefix}/REJECTED"):  # passed now, e.g. after a recorded threshold change
+        store.delete_prefix(f"{prefix}/REJECTED")
     store.write_pointer(latest_key(ds.name), version)
     log.info("dataset %s version %s passed the gate and is now LATEST", ds.name, version)
     return verdict
-
-
-def _bytes_io(data: bytes):  # type: ignore[no-untyped-def]
-    import io
-
-    return io.BytesIO(data)
 
 
 # -- runs ------------------------------------------------------------------------------

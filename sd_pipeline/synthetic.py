@@ -105,7 +105,8 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
                 break
         index.add(h, name)
         (out_dir / name).write_bytes(png)
-        lines.append(json.dumps({"file_name": name, "text": caption_text(shape, color, background)}))
+        lines.append(json.dumps({"file_name": name, "text": caption_text(shape, color, background),
+                                 "license": "cc0-1.0", "author": "sd-pipeline synthetic"}))
 
     # The bad inputs: each must end in quarantine with its own reason code.
     (images / "bad-empty.png").write_bytes(b"")

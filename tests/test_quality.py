@@ -46,7 +46,7 @@ def test_good_manifest_passes() -> None:
 
     assert result.passed, result.summary()
     assert result.failures == []
-    assert result.statistics["evaluated_expectations"] == 8
+    assert result.statistics["evaluated_expectations"] == 11  # 8 row rules + aspect, near-dup, unsafe
     assert result.statistics["quarantine_rate"] == pytest.approx(1 / 13)
     assert result.results_json["success"] is True
     assert "PASSED" in result.summary()
@@ -143,3 +143,64 @@ def test_report_is_written_to_the_store(tmp_path) -> None:
     assert "manifest_quality" in page and "quarantine_rate" in page
     assert store.exists(f"{prefix}/quality/data_docs/index.html")
     json.dumps(result.failures)  # failures stay JSON-able for task results
+
+
+# -- the dataset-level families: aspect ratio, near duplicates, unsafe, licences, drift, privacy
+
+
+from sd_pipeline.quality.suite import GateContext  # noqa: E402
+
+MAX = "expect_column_max_to_be_between"
+
+
+def test_extreme_aspect_ratio_fails_naming_the_row() -> None:
+    m = manifest()
+    m.loc[3, ["orig_width", "orig_height"]] = [1000, 100]
+    result = validate_manifest(m, quarantined=0, cfg=CFG.model_copy(update={"max_aspect_ratio": 3.0}))
+    assert failed(result) == {("expect_column_values_to_be_between", "aspect_ratio")}
+    assert m.loc[3, "key"] in json.dumps(result.failures)
+
+
+def test_near_duplicate_and_unsafe_rates_come_from_reasons_and_flags() -> None:
+    m = manifest()
+    m["unsafe"] = [i < 2 for i in range(12)]  # 2 flagged rows
+    ctx = GateContext(quarantined=4, reasons={"near_duplicate": 3, "unsafe_image": 1})
+    cfg = CFG.model_copy(update={"max_near_duplicate_rate": 0.1, "max_unsafe_rate": 0.1,
+                                 "max_quarantine_rate": 0.5})
+    result = validate_manifest(m, ctx, cfg)
+    assert failed(result) == {(MAX, "near_duplicate_rate"), (MAX, "unsafe_rate")}
+    assert result.statistics["near_duplicate_rate"] == pytest.approx(3 / 16)
+    assert result.statistics["unsafe_rate"] == pytest.approx(3 / 16)
+
+
+def test_licences_outside_the_allowed_set_fail_and_a_missing_column_is_noted() -> None:
+    cfg = CFG.model_copy(update={"allowed_licenses": ["cc-by-4.0", "cc0-1.0"]})
+    m = manifest()
+    noted = validate_manifest(m, quarantined=0, cfg=cfg)
+    assert noted.passed and any("licences: skipped" in n for n in noted.statistics["notes"])
+    m["meta_license"] = ["cc-by-4.0"] * 11 + ["all-rights-reserved"]
+    result = validate_manifest(m, quarantined=0, cfg=cfg)
+    assert failed(result) == {("expect_column_values_to_be_in_set", "meta_license")}
+    assert "all-rights-reserved" in json.dumps(result.failures)
+
+
+def test_drift_against_the_previous_version_is_checked_or_skipped_with_a_note() -> None:
+    first = validate_manifest(manifest(), quarantined=0, cfg=CFG)
+    assert any(n.startswith("drift: skipped") for n in first.statistics["notes"])
+    previous = manifest()
+    similar = manifest()
+    assert validate_manifest(similar, GateContext(0, previous=previous), CFG).passed
+    longer = manifest()
+    longer["caption"] = longer["caption"] + " beside a small blue square"
+    bigger = manifest()
+    bigger[["orig_width", "orig_height"]] = [2048, 1536]
+    assert failed(validate_manifest(longer, GateContext(0, previous=previous), CFG)) == {
+        (MAX, "caption_length_drift")}
+    assert failed(validate_manifest(bigger, GateContext(0, previous=previous), CFG)) == {
+        (MAX, "image_side_drift")}
+
+
+def test_privacy_leaks_fail_the_gate() -> None:
+    result = validate_manifest(manifest(), GateContext(0, privacy_leaks=2), CFG)
+    assert failed(result) == {(MAX, "privacy_leaks")}
+    assert validate_manifest(manifest(), GateContext(0, privacy_leaks=0), CFG).passed

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 from sd_pipeline.config import QualityConfig
 from sd_pipeline.quality.suite import (
     ROW_ID_COLUMN,
+    GateContext,
     build_suite,
     prepare_frame,
     quarantine_rate,
+    skipped_rules,
 )
 from sd_pipeline.storage import Store
 
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sd_pipeline.quality")
 
 MAX_EXAMPLES = 5
+DATASET_FIGURES = ("near_duplicate_rate", "unsafe_rate", "caption_length_drift",
+                   "image_side_drift", "privacy_leaks")
 # kwargs that say which data was checked rather than what was expected of it.
 _NOT_EXPECTED = {"batch_id", "column", "result_format"}
 
@@ -105,8 +109,14 @@ def expectation_records(results_json: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
-def validate_manifest(manifest: pd.DataFrame, quarantined: int, cfg: QualityConfig) -> GateResult:
-    """Run the manifest suite on ``manifest``; ``quarantined`` counts the rejected inputs."""
+def validate_manifest(
+    manifest: pd.DataFrame, quarantined: int | GateContext, cfg: QualityConfig
+) -> GateResult:
+    """Run the manifest suite on ``manifest``.
+
+    ``quarantined`` is the count of rejected inputs, or a ``GateContext`` that also carries
+    the quarantine reasons, the previous accepted manifest and the privacy sample result.
+    """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -120,7 +130,7 @@ def validate_manifest(manifest: pd.DataFrame, quarantined: int, cfg: QualityConf
         .add_dataframe_asset("manifest")
         .add_batch_definition_whole_dataframe("whole_manifest")
     )
-    suite = context.suites.add(build_suite(cfg))
+    suite = context.suites.add(build_suite(cfg, frame))
     validation = context.validation_definitions.add(
         gx.ValidationDefinition(name="manifest_gate", data=batch, suite=suite)
     )
@@ -135,11 +145,16 @@ def validate_manifest(manifest: pd.DataFrame, quarantined: int, cfg: QualityConf
     )
     results_json = result.to_json_dict()
     statistics = dict(results_json["statistics"])
+    ctx = quarantined if isinstance(quarantined, GateContext) else GateContext(quarantined)
     statistics.update(
         rows=len(frame),
-        quarantined=quarantined,
-        quarantine_rate=quarantine_rate(len(frame), quarantined),
+        quarantined=ctx.quarantined,
+        quarantine_rate=quarantine_rate(len(frame), ctx.quarantined),
+        notes=skipped_rules(cfg, frame),
     )
+    for name in DATASET_FIGURES:
+        if name in frame.columns and len(frame):
+            statistics[name] = float(frame[name].iloc[0])
     gate = GateResult(
         passed=bool(result.success),
         failures=[r for r in expectation_records(results_json) if not r["success"]],
