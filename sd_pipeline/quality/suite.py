@@ -87,7 +87,7 @@ def prepare_frame(manifest: pd.DataFrame, ctx: GateContext | int) -> pd.DataFram
     frame = manifest.copy()
     inputs = len(frame) + ctx.quarantined
     # A null caption stays null here: the not-null expectation reports it, not this one.
-    frame["caption_stripped"] = frame["caption"].map(lambda c: c.strip() if isinstance(c, str) else None)
+    frame["caption_stripped"] = frame["caption"].str.strip()  # vectorised; nulls stay null
     frame["quarantine_rate"] = quarantine_rate(len(frame), ctx.quarantined)
     if {"orig_width", "orig_height"} <= set(frame.columns):
         sides = frame[["orig_width", "orig_height"]]
