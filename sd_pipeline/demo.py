@@ -49,6 +49,12 @@ def setup_embedded_home(config: PipelineConfig) -> dict[str, Any]:
     if not config.model.base.startswith("s3://") and _inside(base, home.root):
         build_tiny_sd(base, all_captions())
         made["base_model"] = str(base)
+    classifier = config.safety.classifier
+    if classifier and not classifier.startswith("s3://") and _inside(Path(classifier), home.root):
+        from sd_pipeline.quality.safety import build_tiny_safety_classifier
+
+        build_tiny_safety_classifier(Path(classifier))
+        made["safety_classifier"] = classifier
     env = {**os.environ, **airflow_env(home)}
     stamp = home.airflow_home / ".migrated"
     # Not `import airflow`: that would write an airflow.cfg under ~/airflow of this process.
@@ -117,7 +123,7 @@ def demo_summary(config: PipelineConfig) -> dict[str, Any]:
         "accepted": ingested["accepted"], "quarantined": ingested["quarantined"],
         "quarantine_reasons": ingested["quarantine_reasons"],
         "gate": "passed" if verdict["passed"] else "failed",
-        "quality_report": verdict.get("report_uri"),
+        "quality_report": verdict.get("report_uri"), "datacard": verdict.get("datacard_uri"),
         "run_id": run_id, "mlflow_run_id": registered["mlflow_run_id"],
         "model_name": registered["model_name"], "model_version": registered["model_version"],
         "alias": registered.get("alias"), "metrics": registered.get("metrics", {}),
@@ -142,6 +148,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  registered model  {s['model_name']} version {s['model_version']} (@{s['alias']})",
         f"  sample grid       {s['sample_grid']}",
         f"  quality report    {s['quality_report']}",
+        f"  data card         {s.get('datacard')}",
         f"  time              {s['seconds']['total']:.0f}s" if "seconds" in s else "",
         "  browse it:        make up   (Airflow http://127.0.0.1:8080, MLflow http://127.0.0.1:5000)",
     ]

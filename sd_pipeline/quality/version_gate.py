@@ -82,5 +82,6 @@ def gate_version(config: PipelineConfig, store: Store, version: str) -> tuple[di
                            safety=config.safety.model_dump(mode="json"))
     store.put_bytes(f"{prefix}/DATACARD.md", card.encode())
     verdict["datacard_uri"] = store.uri(f"{prefix}/DATACARD.md")
+    store.put_json(f"{prefix}/quality/verdict.json", verdict)
     log.info("%s", result.summary())
     return verdict, result.summary()
