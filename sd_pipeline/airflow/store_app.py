@@ -1,0 +1,58 @@
+"""A read-only web view of the store's reports, mounted in the Airflow API server.
+
+Serves only what the pipeline publishes for people to read (quality reports, Data Docs,
+data cards, evaluation grids and metrics), never shards, manifests or weights. The API
+server does not put plugin apps behind its login: deploy it where the network is
+trusted, or leave the plugin out (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from typing import Any
+
+# Keys a person may open; everything else is 404.
+PUBLIC_KEYS = [
+    re.compile(r"^datasets/[a-z0-9][a-z0-9_-]*/versions/[0-9a-f]{16}/quality/[A-Za-z0-9_./-]+$"),
+    re.compile(r"^datasets/[a-z0-9][a-z0-9_-]*/versions/[0-9a-f]{16}/DATACARD\.md$"),
+    re.compile(r"^runs/[A-Za-z0-9_.-]+/eval/[A-Za-z0-9_.-]+\.(png|json|md)$"),
+    re.compile(r"^runs/[A-Za-z0-9_.-]+/MODEL_CARD\.md$"),
+]
+
+
+def is_public(key: str) -> bool:
+    return ".." not in key.split("/") and any(p.match(key) for p in PUBLIC_KEYS)
+
+
+def create_app(store_factory: Any = None) -> Any:
+    """The FastAPI app; ``store_factory`` returns the Store (default: the DAGs' config)."""
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import Response
+
+    from sd_pipeline.storage import StoreError
+
+    def default_store() -> Any:
+        from sd_pipeline.airflow.settings import pipeline_config
+        from sd_pipeline.storage import Store
+
+        cfg = pipeline_config()
+        return Store.from_uri(cfg.storage.root, cfg.storage.endpoint_url)
+
+    factory = store_factory or default_store
+    app = FastAPI(title="sd-pipeline store", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/store/{key:path}")
+    def get_object(key: str) -> Response:
+        if not is_public(key):
+            raise HTTPException(404, "not a published report")
+        try:
+            data = factory().get_bytes(key)
+        except StoreError:
+            raise HTTPException(404, "no such object") from None
+        kind = "text/markdown; charset=utf-8" if key.endswith(".md") else (
+            mimetypes.guess_type(key)[0] or "application/octet-stream")
+        return Response(content=data, media_type=kind,
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+
+    return app
