@@ -2,7 +2,8 @@
 
 ``local`` runs the very command a GPU pod runs (``sd-pipeline <stage> --config URI
 --run-id ID``) as a subprocess, streaming its log lines and reading back its small JSON
-result. The Kubernetes backend runs the same command in a pod.
+result. The Kubernetes backend runs the same command in a pod (``pod_command``), under
+``accelerate launch`` when the pod has several GPUs, and reads the result through XCom.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ class StageFailed(RuntimeError):
 def stage_command(stage: str, config_uri: str, run_id: str) -> list[str]:
     """The command line of a stage, identical for the local backend and a pod."""
     return ["sd-pipeline", stage, "--config", config_uri, "--run-id", run_id]
+
+
+# The KubernetesPodOperator's sidecar pushes this file to XCom; it holds the small JSON result.
+XCOM_RESULT_FILE = "/airflow/xcom/return.json"
+
+
+def pod_command(stage: str, config_uri: str, run_id: str, gpus: int) -> list[str]:
+    """The full command of a stage's pod: the stage command, its result written for XCom.
+
+    With more than one GPU, ``accelerate launch`` starts one process per GPU running that
+    same command (``--no_python`` runs it as is rather than as a Python script).
+    """
+    command = stage_command(stage, config_uri, run_id)
+    if gpus > 1:
+        command = ["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
+                   "--num_processes", str(gpus), "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--no_python", *command]
+    return [*command, "--result-file", XCOM_RESULT_FILE]
 
 
 def run_local(stage: str, config_uri: str, run_id: str, env: dict[str, str] | None = None) -> dict[str, Any]:
