@@ -1,13 +1,14 @@
-"""sd_train: dataset version -> train -> evaluate -> register in MLflow.
+"""sd_train: dataset version -> train -> evaluate -> register in MLflow -> promote to champion.
 
 Runs when a new dataset version passes its gate, or by hand with the trigger form.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, task
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import DAG, Asset, Param, task
 
 from sd_pipeline.airflow import tasks
 from sd_pipeline.airflow.params import train_params
@@ -38,17 +39,37 @@ with DAG(
     def prepare_run() -> dict:
         return tasks.prepare()
 
-    @task(task_id="train")
-    def train(run: dict) -> dict:
-        return tasks.run_stage("train", run)
-
-    @task(task_id="evaluate")
-    def evaluate(run: dict, trained: dict) -> dict:
-        return tasks.run_stage("evaluate", run)
-
     @task(task_id="register")
     def register(run: dict, evaluated: dict) -> dict:
         return tasks.register(run)
 
     run = prepare_run()
-    register(run, evaluate(run, train(run)))
+    # train and evaluate run the same command as a local subprocess or in a GPU pod, as
+    # compute.<stage>.backend says; this file is the same for both.
+    trained = tasks.heavy_stage("train", config, run)
+    evaluated = tasks.heavy_stage("evaluate", config, run, after=trained)
+    registered = register(run, evaluated)
+
+    # -- champion and challenger: promote when the challenger wins, after a person approves
+    # if the form's require_approval says so; the promote task records every decision.
+    @task.branch(task_id="promotion_check")
+    def promotion_check(run: dict, registered: dict) -> list[str]:
+        return tasks.promotion_check(run)
+
+    @task(task_id=tasks.PROMOTE_TASK, trigger_rule="none_failed_min_one_success")
+    def promote(run: dict) -> dict:
+        return tasks.promote(run)
+
+    check = promotion_check(run, registered)
+    approve = HITLOperator(
+        task_id=tasks.APPROVAL_TASK,
+        subject=tasks.APPROVAL_SUBJECT,
+        body=tasks.APPROVAL_BODY,
+        options=[tasks.APPROVE, tasks.REJECT],
+        defaults=[tasks.REJECT],  # taken when nobody answers in time
+        params={"comment": Param("", type="string", title="Comment")},
+        response_timeout=timedelta(days=7),
+    )
+    promoted = promote(run)
+    check >> approve >> promoted
+    check >> promoted

@@ -6,6 +6,7 @@ Each stage command prints its small JSON result (and writes it to ``--result-fil
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -90,6 +91,27 @@ def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
     return stages.register(config, _run_id(args, config))
 
 
+def _whoami() -> str:
+    """The local user name, for who decided; containers may have none."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    config = _config(args)
+    return stages.promote(config, _run_id(args, config), by=args.by, check_only=args.check)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    return stages.rollback(_config(args), by=args.by, reason=args.reason, to_version=args.to_version)
+
+
 def cmd_setup(args: argparse.Namespace) -> dict[str, Any]:
     from sd_pipeline.demo import setup_embedded_home
 
@@ -132,8 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("prepare", cmd_prepare, "pin the dataset version and store a run's resolved config") \
         .add_argument("--dataset-version", help="version id or 'latest' (default: config)")
     add("train", cmd_train, "train (resumes the run if it has checkpoints)", run_id=True)
-    add("evaluate", cmd_evaluate, "evaluate a trained run: losses and a sample grid", run_id=True)
+    add("evaluate", cmd_evaluate, "evaluate a trained run next to the champion: losses, metrics, grids",
+        run_id=True)
     add("register", cmd_register, "log a run to MLflow and register its model", run_id=True)
+    promote = add("promote", cmd_promote, "make a registered run's version champion if it beats the "
+                  "champion on registry.promote_when (records who, when, why)", run_id=True)
+    promote.add_argument("--by", default=_whoami(), help="who decides (default: your user name)")
+    promote.add_argument("--check", action="store_true", help="only print the verdict; change nothing")
+    rollback = add("rollback", cmd_rollback, "point the champion alias back at the previous champion "
+                   "(records who, when, why)")
+    rollback.add_argument("--reason", required=True, help="why; recorded on both versions")
+    rollback.add_argument("--by", default=_whoami(), help="who (default: your user name)")
+    rollback.add_argument("--to-version", help="roll back to this version instead of the previous champion")
     add("setup", cmd_setup, "prepare the embedded home: raw data, tiny base model, Airflow DB")
     add("demo", cmd_demo, "run the whole pipeline through Airflow on the embedded home")
     add("up", cmd_up, "serve the Airflow UI and the MLflow UI for the embedded home")
@@ -147,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from sd_pipeline.registry.promotion import RegistryRefused
     from sd_pipeline.stages import QualityGateFailed
     from sd_pipeline.storage import StoreError
 
@@ -158,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except QualityGateFailed as err:
         print(f"sd-pipeline: {err}", file=sys.stderr)
         return 3
+    except RegistryRefused as err:  # a promotion or rollback that cannot be done as asked
+        print(f"sd-pipeline: {err}", file=sys.stderr)
+        return 1
     except (StoreError, FileNotFoundError) as err:  # a missing input: say which, no traceback
         print(f"sd-pipeline: {err}", file=sys.stderr)
         return 1

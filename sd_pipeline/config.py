@@ -166,34 +166,282 @@ class TrainConfig(_Section):
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+# Kubernetes syntax, checked here so a typo fails when the config loads, not when a GPU pod starts.
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # DNS-1123 label: namespaces, accounts, claims
+_K8S_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # secrets, priority classes
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_SECRET_LIKE = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|API_KEY", re.I)
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+HEAVY_STAGES = ("train", "evaluate")
+
+
+def quantity_value(quantity: str) -> float:
+    """A Kubernetes quantity (``"16Gi"``, ``"500m"``, ``"8"``) as a plain number."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", quantity)
+    if not m or m.group(2) not in _SUFFIX:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity (like 8, 500m, 16Gi)")
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+class StepCompute(_Section):
+    """Where one heavy step runs and, on Kubernetes, what its pod gets."""
+
+    backend: Literal["local", "kubernetes"] | None = Field(
+        None, description="Backend of this step; None = compute.backend."
+    )
+    gpus: int = Field(
+        1, ge=0, le=16,
+        description="GPUs of the pod (limits compute.kubernetes.gpu_resource); above 1 the stage "
+        "command runs under `accelerate launch`, one process per GPU (the trainer does not yet "
+        "split batches across them: see docs/deploy.md).",
+    )
+    gpu_types: list[str] = Field(
+        default_factory=list,
+        description="Acceptable GPU models, matched on the node label compute.kubernetes.gpu_type_label "
+        "(required node affinity); empty = any GPU node.",
+    )
+    cpu: str = Field("8", pattern=_QUANTITY, description="CPU request (and limit unless cpu_limit is set).")
+    cpu_limit: str | None = Field(None, pattern=_QUANTITY, description="CPU limit; None = cpu.")
+    memory: str = Field(
+        "32Gi", pattern=_QUANTITY, description="Memory request (and limit unless memory_limit is set)."
+    )
+    memory_limit: str | None = Field(None, pattern=_QUANTITY, description="Memory limit; None = memory.")
+    shm: str = Field(
+        "8Gi", pattern=_QUANTITY,
+        description="Size of the in-memory emptyDir at /dev/shm (PyTorch data loader workers); "
+        "it counts against the memory limit.",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> StepCompute:
+        limit = self.memory_limit or self.memory
+        if quantity_value(self.shm) >= quantity_value(limit):
+            raise ValueError(
+                f"shm {self.shm} must be smaller than the memory limit {limit}: /dev/shm is memory "
+                "of the pod; lower shm or raise memory"
+            )
+        pairs = ((self.cpu, self.cpu_limit, "cpu"), (self.memory, self.memory_limit, "memory"))
+        for request, lim, what in pairs:
+            if lim is not None and quantity_value(lim) < quantity_value(request):
+                raise ValueError(f"{what}_limit {lim} is below the {what} request {request}")
+        return self
+
+
+class Toleration(_Section):
+    """Lets the pod onto tainted nodes (GPU node pools are tainted so only GPU work lands there)."""
+
+    key: str = Field(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_./]*$")
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class SecretEnv(_Section):
+    """One environment variable of the pod read from a Kubernetes secret: a name and a key, never a value."""
+
+    env: str = Field(pattern=_ENV_NAME)
+    secret: str = Field(pattern=_K8S_SUBDOMAIN)
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$")
+    optional: bool = Field(False, description="Start the pod even if the secret or key is missing.")
+
+
 class KubernetesConfig(_Section):
-    image: str = "ghcr.io/sd-pipeline/train:0.1.0"
-    namespace: str = "sd-pipeline"
-    gpus: int = Field(1, ge=0, le=16)
+    image: str = Field(
+        "ghcr.io/sd-pipeline/train:0.1.0", description="Training image (docker/train.Dockerfile)."
+    )
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Names of docker-registry secrets in the namespace."
+    )
+    namespace: str = Field("sd-pipeline", pattern=_K8S_NAME)
+    service_account: str = Field(
+        "sd-pipeline-train", pattern=_K8S_NAME,
+        description="Service account of the pods; bind it to S3 access with IRSA / workload identity.",
+    )
+    connection_id: str = Field(
+        "kubernetes_default", description="Airflow connection to the cluster (in_cluster in the chart)."
+    )
+    pool: str = Field(
+        "gpu",
+        description="Airflow pool capping the GPUs in use: a pod takes one slot per GPU (at least one).",
+    )
+    retries: int = Field(
+        2, ge=0, le=20,
+        description="Task retries; a retry runs the same run id and resumes from its last checkpoint.",
+    )
+    priority_class: str | None = Field(
+        "sd-pipeline-training", pattern=_K8S_SUBDOMAIN, description="PriorityClass of the pods; None = none."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels every pod requires, e.g. a GPU node pool."
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
+    gpu_type_label: str = Field(
+        "nvidia.com/gpu.product",
+        description="Node label naming the GPU model (GKE: cloud.google.com/gke-accelerator; "
+        "EKS with Karpenter: karpenter.k8s.aws/instance-gpu-name).",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        validate_default=True,
+    )
+    secret_env: list[SecretEnv] = Field(
+        default_factory=lambda: [
+            {"env": name, "secret": secret, "key": name, "optional": True}
+            for secret, names in (
+                ("sd-pipeline-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
+                ("sd-pipeline-mlflow", ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")),
+            )
+            for name in names
+        ],
+        validate_default=True,
+        description="Credentials as references to Kubernetes secrets (optional: IRSA / workload "
+        "identity need no S3 keys).",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plain environment of the pods; names that look like credentials are refused "
+        "(use secret_env).",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod labels, e.g. team or cost-center for cost reports."
+    )
+    scratch_claim: str | None = Field(
+        None, pattern=_K8S_NAME,
+        description="PersistentVolumeClaim mounted at /scratch (model and data cache kept between "
+        "runs); None = an emptyDir of scratch_size.",
+    )
+    scratch_size: str = Field("100Gi", pattern=_QUANTITY, description="Size limit of the emptyDir scratch.")
+    schedule_timeout_seconds: int = Field(
+        1800, ge=60, description="How long a pod may wait for a node: covers GPU node scale-up."
+    )
+    startup_timeout_seconds: int = Field(
+        900, ge=60, description="How long a scheduled pod may take to start: covers pulling the image."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=60, description="Hard cap on a pod's run time (a cost guard); None = no cap."
+    )
+    on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "keep_pod"] = Field(
+        "delete_succeeded_pod", description="Keep failed pods for `kubectl describe` and logs by default."
+    )
+
+    @model_validator(mode="after")
+    def _plain_env_and_labels(self) -> KubernetesConfig:
+        for name in self.env:
+            if not re.fullmatch(_ENV_NAME, name):
+                raise ValueError(f"env name {name!r} is not a valid environment variable name")
+            if _SECRET_LIKE.search(name):
+                raise ValueError(
+                    f"env {name!r} looks like a credential; put it in a Kubernetes secret and reference "
+                    "it with secret_env (env, secret, key) so its value never passes through Airflow"
+                )
+        for key, value in {**self.labels, **self.node_selector}.items():
+            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+                raise ValueError(
+                    f"label {key}={value!r} is not valid Kubernetes label syntax (value: up to 63 of "
+                    "[A-Za-z0-9-_.], starting and ending alphanumeric)"
+                )
+        return self
 
 
 class ComputeConfig(_Section):
-    backend: Literal["local", "kubernetes"] = "local"
+    backend: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="Default backend of the heavy steps: local = a subprocess on the Airflow worker, "
+        "kubernetes = a pod per step; a step's own backend wins.",
+    )
+    train: StepCompute = StepCompute()
+    evaluate: StepCompute = StepCompute()
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    def step(self, stage: str) -> StepCompute:
+        if stage not in HEAVY_STAGES:
+            raise ValueError(f"stage {stage!r} has no compute settings; heavy stages are {HEAVY_STAGES}")
+        step: StepCompute = getattr(self, stage)
+        return step
+
+    def backend_for(self, stage: str) -> Literal["local", "kubernetes"]:
+        """The backend a heavy stage runs on: its own, else ``compute.backend``."""
+        return self.step(stage).backend or self.backend
 
 
 class EvaluateConfig(_Section):
-    prompts: list[str] = Field(
-        default_factory=lambda: [
-            "a red circle on a blue background",
-            "a yellow square on a black background",
-            "a green triangle on a white background",
-            "a blue star on a red background",
-        ],
+    prompt_set: str = Field(
+        "default-v1",
+        description="Versioned prompt set: the name of one shipped in sd_pipeline/resources/prompts "
+        "(default-v1), or a YAML file (path, file:// or s3:// URI) with name, version and prompts.",
+    )
+    prompts: list[str] | None = Field(
+        None,
         min_length=1,
+        description="Inline prompts that replace the prompt set (recorded as set 'inline' with "
+        "their digest); None uses prompt_set.",
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    num_inference_steps: int = Field(10, ge=1, le=1000)
+    num_inference_steps: int = Field(10, ge=1, le=1000, description="DDIM steps per sample.")
     guidance_scale: float = Field(3.0, ge=0.0, le=50.0)
     loss_timesteps: list[int] = Field(
         default_factory=lambda: [100, 300, 500, 700, 900], min_length=1
     )
     loss_seed: int = 1234
+    compare_with_champion: bool = Field(
+        True,
+        description="Also evaluate the registry's current champion with the same prompts, seeds and "
+        "holdout set, and draw both side by side; promotion compares the two.",
+    )
+    clip_model: str | None = Field(
+        None,
+        description="CLIP weights (transformers CLIPModel folder with its processor: a local path, "
+        "file:// or s3:// prefix) for clip_score and the CLIP-feature fd_clip/kid_clip; None skips "
+        "them and the results say why. Pre-stage them: nothing is downloaded from a hub.",
+    )
+    safety_checker: str | None = Field(
+        None,
+        description="A diffusers StableDiffusionSafetyChecker folder (with preprocessor_config.json) "
+        "for unsafe_rate over the sampled images; None skips it and the results say why.",
+    )
+    fd_samples: int = Field(
+        64, ge=2, le=100_000,
+        description="At most this many held-out images (and as many samples from their captions) "
+        "for fd_clip and kid_clip.",
+    )
+
+
+class PromotionRule(_Section):
+    """One condition a challenger must meet against the champion to replace it."""
+
+    metric: str = Field(pattern=r"^[A-Za-z0-9_.]+$", description="An evaluation metric, e.g. holdout_loss.")
+    better: Literal["lower", "higher"]
+    min_delta: float = Field(
+        0.0, ge=0.0,
+        description="The challenger must be better by more than zero and by at least this much.",
+    )
+
+
+class ModelCardConfig(_Section):
+    """What the generated MODEL_CARD.md says beyond what the run records itself."""
+
+    base_model: str | None = Field(
+        None, description="Hub id of the base model for the card's front matter; None = model.base."
+    )
+    license: str = Field("other", description="License id for the front matter (e.g. creativeml-openrail-m).")
+    tags: list[str] = Field(
+        default_factory=lambda: ["stable-diffusion", "text-to-image", "diffusers", "sd-pipeline"]
+    )
+    intended_use: str = Field(
+        "Generating images in the style and subject matter of the fine-tuning dataset, for "
+        "research and internal evaluation.",
+    )
+    limitations: str = Field(
+        "Trained on a single dataset version; quality outside its subjects is not evaluated. "
+        "Automatic metrics do not replace human review of samples.",
+    )
 
 
 class RegistryConfig(_Section):
@@ -207,7 +455,36 @@ class RegistryConfig(_Section):
     )
     experiment: str = "sd-pipeline"
     model_name: str = Field("sd-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-    alias: str = Field("challenger", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    alias: str = Field(
+        "challenger", pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Alias a newly registered version gets.",
+    )
+    champion_alias: str = Field(
+        "champion", pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Alias of the version in service; promotion and rollback move it.",
+    )
+    promote_when: list[PromotionRule] = Field(
+        default_factory=lambda: [{"metric": "holdout_loss", "better": "lower", "min_delta": 0.0}],
+        validate_default=True,
+        min_length=1,
+        description="A challenger becomes champion when it beats the champion on every rule "
+        "(the first version becomes champion).",
+    )
+    require_approval: bool = Field(
+        False,
+        description="In sd_train, a person approves (Airflow human-in-the-loop) before a winning "
+        "challenger becomes champion.",
+    )
+    model_card: ModelCardConfig = ModelCardConfig()
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> RegistryConfig:
+        if self.alias == self.champion_alias:
+            raise ValueError(
+                f"registry.alias and registry.champion_alias are both {self.alias!r}; "
+                "a new version must not become champion by registering"
+            )
+        return self
 
 
 class PipelineConfig(_Section):
@@ -363,4 +640,7 @@ def reference_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(reference_markdown())
+    # Through the imported module, so nested types print as sd_pipeline.config.X, not __main__.X.
+    from sd_pipeline.config import reference_markdown as _reference
+
+    print(_reference())

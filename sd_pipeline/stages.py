@@ -116,32 +116,67 @@ def evaluate(config: PipelineConfig, run_id: str) -> dict[str, Any]:
 
 
 def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Log the run to MLflow and register its model; idempotent per run id."""
+    """Log the run to MLflow, register its model as ``registry.alias`` and attach its model card.
+
+    Idempotent per run id: a retry finds the version it registered. Tags carry the dataset
+    version, the git commit (when known) and the Airflow dag and run that prepared the run.
+    """
     from sd_pipeline.models.base import resolve_base_model
-    from sd_pipeline.registry.tracking import log_and_register
+    from sd_pipeline.registry.lineage import airflow_tags, git_commit
+    from sd_pipeline.registry.model_card import render_model_card
+    from sd_pipeline.registry.tracking import log_and_register, log_model_card
 
     store = store_for(config)
     home = EmbeddedHome.from_env()
     final = f"runs/{run_id}/final"
     if not store.is_committed(final):
         raise FileNotFoundError(f"{store.uri(final)} is not committed; train run {run_id} first")
-    metrics = store.get_json(f"runs/{run_id}/eval/metrics.json")
+    if not store.is_committed(f"runs/{run_id}/eval"):
+        raise FileNotFoundError(
+            f"{store.uri(f'runs/{run_id}/eval')} is not committed; evaluate run {run_id} first"
+        )
+    report = store.get_json(f"runs/{run_id}/eval/metrics.json")
     train_meta = store.get_json(f"{final}/metadata.json")
+    trigger_key = f"runs/{run_id}/trigger.json"
+    trigger = store.get_json(trigger_key) if store.exists(trigger_key) else {}
+    # The version the run trained on (a config may still say "latest" when run by hand).
+    version = str((train_meta.get("dataset") or {}).get("version") or config.dataset.version)
+    ds_prefix = version_prefix(config.dataset.name, version)
+    dataset_records: dict[str, Any] = {"name": config.dataset.name, "version": version,
+                                       "uri": store.uri(ds_prefix)}
+    for field, name in (("ingest", "ingest.json"), ("verdict", "quality/verdict.json")):
+        if store.exists(f"{ds_prefix}/{name}"):
+            dataset_records[field] = store.get_json(f"{ds_prefix}/{name}")
+    if store.exists(f"{ds_prefix}/DATACARD.md"):
+        dataset_records["datacard"] = store.get_bytes(f"{ds_prefix}/DATACARD.md").decode("utf-8")
+    prompt_set = report.get("prompt_set") or {}
+    run_tags = {"sd_pipeline.run_id": run_id, "dataset.name": config.dataset.name,
+                "dataset.version": version, "train.method": config.train.method,
+                "sd_pipeline.config_fingerprint": config.fingerprint(),
+                "sd_pipeline.prompt_set": f"{prompt_set.get('name')}@{prompt_set.get('version')}",
+                **git_commit(), **airflow_tags(trigger), **(tags or {})}
     with tempfile.TemporaryDirectory(prefix=f"sd-register-{run_id}-") as tmp:
         work = Path(tmp)
         model_dir = store.download_dir(final, work / "model")
         (model_dir / "_COMMITTED").unlink(missing_ok=True)
-        grid = store.get_file(f"runs/{run_id}/eval/grid.png", work / "eval" / "grid.png")
-        metrics_file = store.get_file(f"runs/{run_id}/eval/metrics.json", work / "eval" / "metrics.json")
-        ds_prefix = version_prefix(config.dataset.name, config.dataset.version)
-        artifacts = {"eval/grid.png": grid, "eval/metrics.json": metrics_file}
-        for name in ("ingest.json", "quality/verdict.json"):
+        artifacts: dict[str, Path] = {}
+        for name in ("grid.png", "compare.png", "metrics.json"):
+            if store.exists(f"runs/{run_id}/eval/{name}"):
+                artifacts[f"eval/{name}"] = store.get_file(f"runs/{run_id}/eval/{name}", work / "eval" / name)
+        config_file = work / "config" / "config.json"
+        config_file.parent.mkdir(parents=True)
+        config_file.write_text(config.to_json())
+        artifacts["config/config.json"] = config_file
+        for name in ("ingest.json", "quality/verdict.json", "DATACARD.md"):
             if store.exists(f"{ds_prefix}/{name}"):
                 artifacts[f"dataset/{name}"] = store.get_file(f"{ds_prefix}/{name}", work / "dataset" / name)
-        numeric = {k: float(v) for k, v in _flat(metrics.get("metrics", metrics)).items()
-                   if isinstance(v, (int, float))}
+        numeric = {k: float(v) for k, v in report["metrics"].items() if isinstance(v, (int, float))}
+        champion = report.get("champion") or {}
+        numeric.update({f"champion.{k}": float(v) for k, v in (champion.get("metrics") or {}).items()
+                        if isinstance(v, (int, float))})
         numeric.update({f"train.{k}": float(train_meta[k]) for k in ("seconds", "samples_per_s", "final_loss")
                         if isinstance(train_meta.get(k), (int, float))})
+        accepted = (dataset_records.get("ingest") or {}).get("accepted")
         result = log_and_register(
             config.registry,
             run_id=run_id,
@@ -149,30 +184,76 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
             metrics=numeric,
             artifacts=artifacts,
             model_dir=model_dir,
-            base_model_dir=resolve_base_model(config.model.base, home.work_dir / "base-models"),
-            tags={"sd_pipeline.run_id": run_id, "dataset.name": config.dataset.name,
-                  "dataset.version": config.dataset.version, "train.method": config.train.method,
-                  **(tags or {})},
-            dataset={"name": config.dataset.name, "version": config.dataset.version,
-                     "uri": store.uri(ds_prefix)},
+            base_model_dir=resolve_base_model(config.model.base, home.work_dir / "base-models",
+                                              endpoint_url=config.storage.endpoint_url),
+            tags=run_tags,
+            dataset={"name": config.dataset.name, "version": version,
+                     "uri": store.uri(ds_prefix), **({"samples": accepted} if accepted is not None else {})},
         )
+    card = render_model_card(
+        model_name=result["model_name"], model_version=result["model_version"], config=config,
+        train=train_meta, evaluation=report, dataset=dataset_records,
+        lineage={"MLflow run": result["mlflow_run_id"], "pipeline run": run_id,
+                 **{k: v for k, v in run_tags.items() if k.startswith(("airflow.", "sd_pipeline.git_"))}},
+    )
+    store.put_bytes(f"runs/{run_id}/MODEL_CARD.md", card.encode("utf-8"))
+    card_uri = log_model_card(config.registry, result["mlflow_run_id"], result["model_version"], card)
     summary = {**result, "run_id": run_id, "metrics": numeric,
-               "grid_uri": store.uri(f"runs/{run_id}/eval/grid.png")}
+               "grid_uri": store.uri(f"runs/{run_id}/eval/grid.png"),
+               "comparison_grid_uri": (report.get("comparison_grid") or {}).get("uri"),
+               "model_card_uri": card_uri}
     store.put_json(f"runs/{run_id}/registered.json", summary)
     store.write_pointer(f"pipelines/{config.name}/LAST_RUN", run_id)
     return summary
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_id_for(config: PipelineConfig) -> str:
     """Same resolved config (dataset version included), same run id."""
     return f"{config.name}-{config.fingerprint()[:12]}"
+
+
+# -- champion and challenger -------------------------------------------------------------
+
+
+def promote(
+    config: PipelineConfig,
+    run_id: str,
+    *,
+    by: str = "",
+    approval: dict[str, Any] | None = None,
+    check_only: bool = False,
+) -> dict[str, Any]:
+    """Decide whether a registered run's version replaces the champion, record it, move the alias.
+
+    The decision compares the run's evaluation with the champion's from the same evaluation
+    (same prompts, seeds and holdout set) under ``registry.promote_when``. ``check_only``
+    returns the verdict without recording anything; ``approval`` carries a person's answer
+    when one was asked (``approved``, ``by``, ``comment``).
+    """
+    from sd_pipeline.registry.promotion import apply_promotion, check_promotion
+
+    store = store_for(config)
+    registered_key = f"runs/{run_id}/registered.json"
+    if not store.exists(registered_key):
+        raise FileNotFoundError(f"{store.uri(registered_key)} does not exist; register run {run_id} first")
+    registered = store.get_json(registered_key)
+    report = store.get_json(f"runs/{run_id}/eval/metrics.json")
+    version = str(registered["model_version"])
+    verdict = check_promotion(config.registry, version, report, store.uri(f"runs/{run_id}/eval"))
+    base = {"run_id": run_id, "model_name": config.registry.model_name, "model_version": version}
+    if check_only:
+        return {**base, **verdict.to_dict(), "promote": verdict.promote}
+    decision = apply_promotion(config.registry, version, verdict, by=by, approval=approval)
+    result = {**base, **decision,
+              "champion_uri": f"models:/{config.registry.model_name}@{config.registry.champion_alias}"}
+    store.put_json(f"runs/{run_id}/promotion.json", result)
+    return result
+
+
+def rollback(
+    config: PipelineConfig, *, by: str, reason: str, to_version: str | None = None
+) -> dict[str, Any]:
+    """Point the champion alias back at the previous champion (or ``to_version``), recorded."""
+    from sd_pipeline.registry.promotion import rollback as roll_back
+
+    return roll_back(config.registry, by=by, reason=reason, to_version=to_version)

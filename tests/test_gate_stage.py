@@ -18,6 +18,7 @@ from sd_pipeline.ingest.build import ingest
 from sd_pipeline.ingest.shards import ShardSample, read_shard, write_shard
 from sd_pipeline.ingest.versions import latest_key, version_prefix
 from sd_pipeline.quality.privacy import check_shards, embedded_metadata
+from sd_pipeline.quality.safety import build_tiny_safety_classifier
 from sd_pipeline.stages import QualityGateFailed, validate
 from sd_pipeline.storage import Store
 from sd_pipeline.synthetic import generate_shapes_dataset
@@ -112,6 +113,7 @@ def test_airflow_stops_the_ingest_dag_on_a_failed_gate(home: Path) -> None:
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "GX_ANALYTICS_ENABLED": "false"}
     bin_dir = Path(sys.executable).parent
     generate_shapes_dataset(home / "raw" / "shapes", count=60)
+    build_tiny_safety_classifier(home / "models" / "safety-tiny")
     subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
     out = subprocess.run([str(bin_dir / "airflow"), "dags", "test", "sd_ingest"], env=env,
                          capture_output=True, text=True, timeout=600)

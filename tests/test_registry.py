@@ -291,3 +291,85 @@ def test_lora_weights_load_on_top_of_the_base_model(cfg: RegistryConfig, workspa
         )
     )
     assert [Image.open(io.BytesIO(png)).size for png in out["image"]] == [(32, 32), (32, 32)]
+
+
+# -- model card and lineage ----------------------------------------------------------------
+
+DATACARD = """# Data card: shapes
+
+## Overview
+Coloured shapes.
+
+## Known limitations
+Only four shapes; no textures.
+
+## Bias
+Red is over-represented (40% of images).
+"""
+
+
+def test_model_card_has_hf_front_matter_and_the_data_cards_limitations() -> None:
+    import yaml
+
+    from sd_pipeline.config import parse_config
+    from sd_pipeline.registry.model_card import render_model_card
+
+    config = parse_config({}, {"registry.model_card.base_model": "runwayml/stable-diffusion-v1-5",
+                               "registry.model_card.license": "creativeml-openrail-m"},
+                          env={"SD_PIPELINE_HOME": "/home"})
+    report = {
+        "metrics": {"holdout_loss": 0.41, "clip_score": 27.5},
+        "champion": {"model_version": "3", "metrics": {"holdout_loss": 0.45, "clip_score": 26.0}},
+        "metric_sources": {"clip_score": {"evaluator": "clip", "weights": "s3://models/clip-vit-l14",
+                                          "sha256": "ab" * 32}},
+        "skipped": {"unsafe_rate": "evaluate.safety_checker is not set"},
+        "prompt_set": {"name": "default", "version": "1", "sha256": "cd" * 32, "prompts": ["a", "b"]},
+        "grid": {"seeds": [0, 1], "scheduler": "DDIMScheduler", "num_inference_steps": 30,
+                 "guidance_scale": 7.5},
+    }
+    card = render_model_card(
+        model_name="sd-shapes", model_version="4", config=config,
+        train={"run_id": "demo-1", "final_loss": 0.1234567, "seconds": 12.5, "device": "cuda",
+               "base_model": {"sha256": "ef" * 32}, "dataset": {"train_samples": 216}},
+        evaluation=report,
+        dataset={"name": "shapes", "version": "0123456789abcdef", "uri": "s3://b/datasets/shapes/x",
+                 "ingest": {"accepted": 240, "quarantined": 7}, "verdict": {"passed": True},
+                 "datacard": DATACARD},
+        lineage={"MLflow run": "abc", "sd_pipeline.git_commit": "f00d"},
+    )
+
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == "runwayml/stable-diffusion-v1-5"
+    assert front["license"] == "creativeml-openrail-m"
+    assert front["datasets"] == ["shapes"] and "lora" in front["tags"]
+    assert "# sd-shapes version 4" in card
+    assert "| holdout_loss | 0.41 | 0.45 |" in card and "champion v3" in card
+    assert "clip `s3://models/clip-vit-l14`" in card
+    assert "- unsafe_rate: evaluate.safety_checker is not set" in card
+    assert "240 samples accepted, 7 quarantined" in card and "Quality gate: passed" in card
+    assert "### Known limitations" in card and "Red is over-represented" in card
+    assert "Coloured shapes." not in card  # only the limitation and bias sections are taken
+    assert "| sd_pipeline.git_commit | `f00d` |" in card
+
+
+def test_git_commit_comes_from_the_environment_or_the_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from sd_pipeline.registry.lineage import git_commit
+
+    monkeypatch.setenv("SD_PIPELINE_GIT_COMMIT", "abc123")
+    assert git_commit(tmp_path)["sd_pipeline.git_commit"] == "abc123"
+    monkeypatch.delenv("SD_PIPELINE_GIT_COMMIT")
+    assert git_commit(tmp_path) == {}  # not a checkout, no variable: nothing is claimed
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    (tmp_path / "f.txt").write_text("1")
+    for args in (["init", "-q"], ["add", "f.txt"], ["commit", "-qm", "one"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == {"sd_pipeline.git_commit": sha, "sd_pipeline.git_dirty": "false",
+                                    "mlflow.source.git.commit": sha}
+    (tmp_path / "f.txt").write_text("2")
+    assert git_commit(tmp_path)["sd_pipeline.git_dirty"] == "true"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sd_pipeline.quality.safety import build_tiny_safety_classifier
 from sd_pipeline.synthetic import generate_shapes_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +26,7 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def ingested(home: Path) -> str:
     generate_shapes_dataset(home / "raw" / "shapes", count=120)
+    build_tiny_safety_classifier(home / "models" / "safety-tiny")  # configs/demo.yaml scores with it
     out = _cli(home, "ingest")
     assert out.returncode == 0, out.stderr
     return str(json.loads(out.stdout)["version"])

@@ -40,6 +40,32 @@ def train_params(config: PipelineConfig) -> dict[str, Any]:
         "lora_rank": Param(t.lora_rank, type="integer", minimum=1, maximum=1024, title="LoRA rank"),
         "batch_size": Param(t.batch_size, type="integer", minimum=1, maximum=4096, title="Batch size"),
         "seed": Param(t.seed, type="integer", minimum=0, title="Seed"),
+        # Not a config override: approving changes who decides, not what is trained (run id).
+        "require_approval": Param(
+            config.registry.require_approval, type="boolean", title="Require approval",
+            description="Ask a person (an Airflow required action) before a challenger that beats "
+            "the champion is promoted.",
+        ),
+    }
+
+
+def rollback_params() -> dict[str, Any]:
+    """The trigger form of ``sd_rollback``: why (required), who, and optionally which version."""
+    from airflow.sdk import Param
+
+    return {
+        "reason": Param(
+            type="string", minLength=3, title="Reason",
+            description="Why the champion is rolled back; recorded on both model versions.",
+        ),
+        "requested_by": Param(
+            None, type=["null", "string"], title="Requested by",
+            description="Who asks for it; empty = the user who triggered this run.",
+        ),
+        "to_version": Param(
+            None, type=["null", "string"], pattern=r"^[0-9]+$", title="Roll back to version",
+            description="Empty = the champion before the current one.",
+        ),
     }
 
 

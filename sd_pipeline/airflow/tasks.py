@@ -6,10 +6,13 @@ Heavy modules load inside the functions, at run time in the worker, never at par
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd_pipeline.airflow.params import overrides_from_params
 from sd_pipeline.airflow.settings import config_path
+
+if TYPE_CHECKING:
+    from sd_pipeline.config import PipelineConfig
 
 log = logging.getLogger("sd_pipeline.airflow")
 
@@ -69,17 +72,36 @@ def prepare() -> dict[str, Any]:
     })
 
 
-def run_stage(stage: str, run: dict[str, Any]) -> dict[str, Any]:
-    """Run a heavy stage on the configured compute backend (local subprocess here)."""
-    from sd_pipeline.compute import run_local
-    from sd_pipeline.stages import load_config_uri
+def heavy_stage(stage: str, config: PipelineConfig, run: Any, after: Any = None) -> Any:
+    """Declare the task of a heavy stage on its compute backend; returns the task's output.
 
-    config = load_config_uri(run["config_uri"])
-    if config.compute.backend != "local":
-        raise NotImplementedError(
-            f"compute.backend={config.compute.backend!r} runs through KubernetesPodOperator; "
-            "this task only serves the local backend"
-        )
+    ``local``: a Python task running the stage command as a subprocess. ``kubernetes``: a
+    KubernetesPodOperator running the same command in a GPU pod (its module, and so the
+    Kubernetes client, loads only then). ``run`` is the ``prepare_run`` output; ``after``
+    an upstream output to wait for. Either way the task returns the stage's JSON result.
+    """
+    if config.compute.backend_for(stage) == "kubernetes":
+        from sd_pipeline.airflow.kubernetes import stage_pod_operator
+
+        pod = stage_pod_operator(stage, config, run_task_id=run.operator.task_id)
+        for upstream in (run, after):
+            if upstream is not None:
+                upstream >> pod
+        return pod.output
+
+    from airflow.sdk import task
+
+    @task(task_id=stage)
+    def local_stage(run: dict[str, Any], after: dict[str, Any] | None = None) -> dict[str, Any]:
+        return run_stage(stage, run)
+
+    return local_stage(run, after)
+
+
+def run_stage(stage: str, run: dict[str, Any]) -> dict[str, Any]:
+    """Run a heavy stage's command in a subprocess (the local backend)."""
+    from sd_pipeline.compute import run_local
+
     return run_local(stage, run["config_uri"], run["run_id"])
 
 
@@ -91,3 +113,77 @@ def register(run: dict[str, Any]) -> dict[str, Any]:
     return stages.register(config, run["run_id"], tags={
         "airflow.dag_id": ctx["dag_run"].dag_id, "airflow.run_id": ctx["dag_run"].run_id,
     })
+
+
+# -- champion and challenger -------------------------------------------------------------
+
+APPROVAL_TASK = "approve_promotion"
+PROMOTE_TASK = "promote"
+APPROVE, REJECT = "Approve", "Reject"
+APPROVAL_SUBJECT = (
+    "{% set v = ti.xcom_pull(task_ids='promotion_check', key='verdict') %}"
+    "Promote {{ v.model_name }} version {{ v.model_version }} to champion?"
+)
+APPROVAL_BODY = """\
+{% set v = ti.xcom_pull(task_ids='promotion_check', key='verdict') %}
+Challenger **{{ v.model_name }} version {{ v.model_version }}** (pipeline run `{{ v.run_id }}`)
+beats the champion{% if v.champion_version %} (version {{ v.champion_version }}){% endif %}:
+
+{{ v.reason }}
+
+Approve to make it `champion`; reject to keep it `challenger`. Either answer is recorded on
+the model version with your name and comment.
+"""
+
+
+def promotion_check(run: dict[str, Any]) -> list[str]:
+    """Branch: ask a person only when the form asks for approval and the challenger would win."""
+    from sd_pipeline import stages
+
+    ctx = _context()
+    config = stages.load_config_uri(run["config_uri"])
+    verdict = stages.promote(config, run["run_id"], check_only=True)
+    ctx["ti"].xcom_push(key="verdict", value=verdict)
+    wanted = ctx["params"].get("require_approval", config.registry.require_approval)
+    log.info("promotion verdict for %s version %s: %s (%s)", verdict["model_name"],
+             verdict["model_version"], verdict["decision"], verdict["reason"])
+    if wanted and verdict["promote"]:
+        return [APPROVAL_TASK, PROMOTE_TASK]
+    return [PROMOTE_TASK]
+
+
+def approval_from(answer: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A human-in-the-loop answer (HITLOperator's XCom) as the approval promote records."""
+    if not answer:
+        return None
+    user = answer.get("responded_by_user") or {}
+    who = user.get("name") or user.get("id") or "nobody (the request timed out)"
+    comment = (answer.get("params_input") or {}).get("comment") or ""
+    return {"approved": list(answer.get("chosen_options") or []) == [APPROVE], "by": who,
+            "comment": comment}
+
+
+def promote(run: dict[str, Any]) -> dict[str, Any]:
+    """Record the decision and move ``champion`` if the challenger won (and was approved)."""
+    from sd_pipeline import stages
+
+    ctx = _context()
+    config = stages.load_config_uri(run["config_uri"])
+    dag_run = ctx["dag_run"]
+    approval = approval_from(ctx["ti"].xcom_pull(task_ids=APPROVAL_TASK))
+    return stages.promote(config, run["run_id"], by=f"airflow:{dag_run.dag_id}/{dag_run.run_id}",
+                          approval=approval)
+
+
+def rollback() -> dict[str, Any]:
+    """Roll the champion back, as the sd_rollback form asks; records who and why."""
+    from sd_pipeline import stages
+
+    ctx = _context()
+    params = ctx["params"]
+    dag_run = ctx["dag_run"]
+    who = params.get("requested_by") or getattr(dag_run, "triggering_user_name", None) or "unknown"
+    if getattr(dag_run, "triggering_user_name", None) and who != dag_run.triggering_user_name:
+        who = f"{who} (triggered by {dag_run.triggering_user_name})"
+    config = stages.load_config_uri(config_path())
+    return stages.rollback(config, by=who, reason=params["reason"], to_version=params.get("to_version"))

@@ -19,15 +19,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from sd_pipeline.config import PipelineConfig
 from sd_pipeline.ingest.dedup import NearDuplicateIndex
-from sd_pipeline.ingest.imagefolder import SourceItem, SourceRejection, read_imagefolder
 from sd_pipeline.ingest.images import ProcessedImage, Rejection, process_image
 from sd_pipeline.ingest.shards import ShardSample, write_shard
+from sd_pipeline.ingest.sources import SourceItem, SourceRejection, iter_source
 from sd_pipeline.ingest.versions import version_prefix
 from sd_pipeline.quality.safety import blocklisted_term
 from sd_pipeline.storage import Store
@@ -139,12 +137,6 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
 
     ds = config.dataset
     store = Store.from_uri(config.storage.root, config.storage.endpoint_url)
-    src = urlparse(ds.source.uri)
-    if src.scheme not in ("file", ""):
-        raise ValueError(
-            f"dataset.source.uri {ds.source.uri!r}: only file:// imagefolder sources are "
-            "supported so far"
-        )
     started = time.perf_counter()
     accepted: list[dict[str, Any]] = []
     images: dict[str, bytes] = {}
@@ -193,7 +185,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
 
     workers = ds.workers or os.cpu_count() or 1
     with _pool(workers) as pool:
-        for item in read_imagefolder(Path(src.path)):
+        for item in iter_source(ds.source, endpoint_url=config.storage.endpoint_url):
             n_inputs += 1
             if isinstance(item, SourceRejection):
                 quarantine.append({"source": item.source, "reason": item.reason,

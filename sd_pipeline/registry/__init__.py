@@ -1,4 +1,6 @@
-"""Registry: MLflow tracking of a pipeline run and registration of its model.
+"""Registry: MLflow tracking and registration of a run, its model card, and the champion.
 
-Nothing heavy is imported here; ``mlflow`` loads in the modules that use it.
+``tracking`` logs and registers, ``model_card`` writes MODEL_CARD.md, ``lineage`` finds the
+git commit and Airflow ids, ``promotion`` decides and records champion/challenger moves and
+rollbacks. Nothing heavy is imported here; ``mlflow`` loads in the functions that use it.
 """

@@ -32,6 +32,8 @@ RUN_TAG = "sd_pipeline.run_id"
 DATASET_TAG = "sd_pipeline.dataset"
 DATASET_VERSION_TAG = "sd_pipeline.dataset_version"
 MODEL_NAME_IN_RUN = "model"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+VERSION_TAG_PREFIXES = ("airflow.", "sd_pipeline.git_")
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # MLflow's limits (mlflow.utils.validation): a param value holds at most 6000 characters,
 # a batch at most 100 params or tags and 1000 metrics.
@@ -279,6 +281,19 @@ def _version_of_run(client: MlflowClient, model_name: str, run_id: str) -> Model
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
+def open_client(cfg: RegistryConfig) -> MlflowClient:
+    """A client on the configured tracking server and registry (also set as mlflow's default)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if cfg.tracking_uri.startswith("sqlite:///"):
+        # SQLite creates the database file but not the folder it lives in.
+        Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
+    return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+
+
 def log_and_register(
     cfg: RegistryConfig,
     *,
@@ -298,18 +313,12 @@ def log_and_register(
     ``version`` and store ``uri`` (other keys become tags of the dataset input).
     """
     import mlflow
-    from mlflow import MlflowClient
 
     started = time.monotonic()
     if not re.fullmatch(r"[^\s']{1,250}", run_id):
         raise ValueError(f"run_id {run_id!r} must be 1-250 characters without spaces or quotes")
     _check_dataset(dataset)
-    if cfg.tracking_uri.startswith("sqlite:///"):
-        # SQLite creates the database file but not the folder it lives in.
-        Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.tracking_uri)
-    client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    client = open_client(cfg)
 
     experiment_id = _experiment_id(client, cfg)
     mlflow_run_id = _find_or_create_run(client, experiment_id, run_id)
@@ -338,6 +347,8 @@ def log_and_register(
                     "sd_pipeline.mlflow_run_id": mlflow_run_id,
                     DATASET_TAG: str(dataset["name"]),
                     DATASET_VERSION_TAG: str(dataset["version"]),
+                    # where the code and the orchestration run are recorded on the version too
+                    **{k: str(v) for k, v in tags.items() if k.startswith(VERSION_TAG_PREFIXES)},
                 },
             )
         else:
@@ -364,3 +375,15 @@ def log_and_register(
         time.monotonic() - started,
     )
     return result
+
+
+def log_model_card(cfg: RegistryConfig, mlflow_run_id: str, model_version: str, card: str) -> str:
+    """Attach MODEL_CARD.md to the version's run, and its summary to the version; returns its URI."""
+    client = open_client(cfg)
+    client.log_text(mlflow_run_id, card, MODEL_CARD_FILE)
+    uri = f"runs:/{mlflow_run_id}/{MODEL_CARD_FILE}"
+    body = card.split("\n---\n", 1)[-1].strip()  # without the front matter
+    summary = next((line for line in body.splitlines() if line and not line.startswith("#")), "")
+    client.update_model_version(cfg.model_name, model_version, description=f"{summary}\n\nModel card: {uri}")
+    client.set_model_version_tag(cfg.model_name, model_version, "sd_pipeline.model_card", uri)
+    return uri
