@@ -7,6 +7,7 @@ MLflow with its alias, a sample grid, a quality report), not only on exit codes.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,37 @@ def test_grid_and_quality_report_are_in_the_store(demo_home: tuple[Path, str]) -
     quality = store / "datasets" / "shapes" / "versions" / version / "quality"
     assert (quality / "validation.json").exists()
     assert "expect" in (quality / "index.html").read_text().lower()
+
+
+LINK_PROBE = r"""
+import json, sys
+from airflow.models.dagrun import DagRun
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.utils.session import create_session
+from sd_pipeline.airflow.links import read_link, xcom_key
+out = {}
+with create_session() as session:
+    for dag_id, task_id, names in (("sd_ingest", "quality_gate", ["quality_report", "datacard", "data_docs"]),
+                                   ("sd_train", "register", ["sample_grid", "mlflow_run", "model_version"])):
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        key = TaskInstanceKey(dag_id, task_id, run.run_id, 1, -1)
+        for name in names:
+            out[name] = read_link(xcom_key(name), key)
+print(json.dumps(out))
+"""
+
+
+def test_tasks_link_to_their_reports_and_models(demo_home: tuple[Path, str]) -> None:
+    """What the UI's extra-link buttons resolve to, read the way the API server reads them."""
+    home, _ = demo_home
+    env = {**os.environ, "AIRFLOW_HOME": str(home / "airflow"), "SD_PIPELINE_HOME": str(home)}
+    out = subprocess.run([sys.executable, "-c", LINK_PROBE], env=env, capture_output=True, text=True,
+                         check=True)
+    links = json.loads(out.stdout.strip().splitlines()[-1])
+    assert links["quality_report"].startswith("/sd-pipeline/store/datasets/shapes/versions/")
+    assert links["quality_report"].endswith("/quality/index.html")
+    assert links["datacard"].endswith("/DATACARD.md")
+    assert "/quality/data_docs/validations/" in links["data_docs"]
+    assert links["sample_grid"].endswith("/eval/grid.png")
+    assert "/#/experiments/" in links["mlflow_run"] and "/runs/" in links["mlflow_run"]
+    assert links["model_version"].endswith("/#/models/sd-demo-shapes/versions/1")

@@ -37,7 +37,11 @@ def validate(ingested: dict[str, Any], asset: Any) -> dict[str, Any]:
     """Gate the version; on success annotate the dataset Asset's event with it."""
     from sd_pipeline import stages
 
-    verdict = stages.validate(stages.load_config_uri(config_path()), ingested["version"])
+    config = stages.load_config_uri(config_path())
+    try:
+        verdict = stages.validate(config, ingested["version"])
+    finally:  # a failed gate's report is what on-call opens first
+        _push_report_links(config, ingested["dataset"], ingested["version"])
     _context()["outlet_events"][asset].extra = {
         "dataset": ingested["dataset"],
         "version": ingested["version"],
@@ -46,6 +50,26 @@ def validate(ingested: dict[str, Any], asset: Any) -> dict[str, Any]:
         "uri": ingested["uri"],
     }
     return verdict
+
+
+def _push_report_links(config: PipelineConfig, dataset: str, version: str) -> None:
+    from sd_pipeline.airflow.links import push_links, store_url
+    from sd_pipeline.ingest.versions import version_prefix
+    from sd_pipeline.stages import store_for
+
+    store = store_for(config)
+    prefix = version_prefix(dataset, version)
+    verdict_key = f"{prefix}/quality/verdict.json"
+    if not store.exists(verdict_key):
+        return
+    verdict = store.get_json(verdict_key)
+    root = config.storage.root
+    docs = [k for k in store.list(f"{prefix}/quality/data_docs/validations") if k.endswith(".html")]
+    push_links({
+        "quality_report": store_url(root, verdict.get("report_uri")),
+        "datacard": store_url(root, verdict.get("datacard_uri")),
+        "data_docs": store_url(root, store.uri(docs[0])) if docs else None,
+    })
 
 
 def _triggering_version() -> str | None:
@@ -110,9 +134,18 @@ def register(run: dict[str, Any]) -> dict[str, Any]:
 
     ctx = _context()
     config = stages.load_config_uri(run["config_uri"])
-    return stages.register(config, run["run_id"], tags={
+    registered = stages.register(config, run["run_id"], tags={
         "airflow.dag_id": ctx["dag_run"].dag_id, "airflow.run_id": ctx["dag_run"].run_id,
     })
+    from sd_pipeline.airflow.links import mlflow_run_url, model_version_url, push_links, store_url
+
+    push_links({
+        "sample_grid": store_url(config.storage.root, registered.get("grid_uri")),
+        "mlflow_run": mlflow_run_url(registered["experiment_id"], registered["mlflow_run_id"])
+        if registered.get("experiment_id") else None,
+        "model_version": model_version_url(registered["model_name"], str(registered["model_version"])),
+    })
+    return registered
 
 
 # -- champion and challenger -------------------------------------------------------------

@@ -361,6 +361,7 @@ def log_and_register(
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
     result = {
         "mlflow_run_id": mlflow_run_id,
+        "experiment_id": experiment_id,
         "model_name": cfg.model_name,
         "model_version": str(version.version),
         "alias": cfg.alias,
