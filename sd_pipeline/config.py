@@ -46,11 +46,84 @@ class StorageConfig(_Section):
 
 
 class SourceConfig(_Section):
-    kind: Literal["imagefolder"] = "imagefolder"
+    """Where the raw captioned images come from; docs/ingest.md explains each kind."""
+
+    kind: Literal["auto", "imagefolder", "sidecar", "urls"] = Field(
+        "auto",
+        description="imagefolder = images + metadata.jsonl or metadata.csv (file_name, text/caption); "
+        "sidecar = kohya-style name.txt beside name.jpg; urls = a URL list (parquet, CSV, JSONL) "
+        "to download; auto = urls when uri names a .parquet/.csv/.jsonl file, else imagefolder when "
+        "the folder has a metadata file, else sidecar.",
+    )
     uri: str = Field(
         "file://${SD_PIPELINE_HOME}/raw/shapes",
-        description="Folder with images and metadata.jsonl (file_name, text).",
+        description="file:///abs/path or s3://bucket/prefix: a folder (imagefolder, sidecar), or a URL "
+        "list file or a folder of them (urls).",
     )
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint of an s3:// source (MinIO); None = storage.endpoint_url, "
+        "then AWS_ENDPOINT_URL, then AWS.",
+    )
+    caption_extension: str = Field(
+        ".txt", pattern=r"^\.[A-Za-z0-9_.-]+$", description="Suffix of sidecar caption files."
+    )
+    url_column: str = Field("url", min_length=1, description="URL-list column holding the image URL.")
+    caption_column: str = Field("caption", min_length=1, description="URL-list column holding the caption.")
+    list_format: Literal["auto", "parquet", "csv", "jsonl"] = Field(
+        "auto", description="Format of URL-list files; auto = from the file suffix."
+    )
+    max_bytes: int = Field(
+        64 * 2**20, ge=1,
+        description="Larger image files and downloads are quarantined (too_large) before they are read.",
+    )
+    read_workers: int = Field(
+        16, ge=1, le=256,
+        description="Threads fetching URLs, and s3:// objects (at most the S3 client's 10 connections), "
+        "concurrently; local files are read in order. Up to 4x this many inputs wait in memory.",
+    )
+    timeout_seconds: float = Field(
+        10.0, gt=0.0, le=600.0,
+        description="Per download attempt: connect, headers and the whole body must arrive within it.",
+    )
+    retries: int = Field(
+        2, ge=0, le=10,
+        description="Further attempts after a transient failure (timeout, connection reset, "
+        "HTTP 408/429/5xx).",
+    )
+    retry_backoff_seconds: float = Field(
+        0.5, ge=0.0, le=60.0, description="Wait before retry n is this times 2**(n-1)."
+    )
+    max_redirects: int = Field(
+        5, ge=0, le=20, description="Redirects followed per URL; every hop is checked again."
+    )
+    allow_private_networks: bool = Field(
+        False,
+        description="Let URLs reach loopback, private, link-local and other non-public addresses; "
+        "cloud metadata services stay refused. Only for trusted lists on a trusted network.",
+    )
+    robots_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that refuse an image (robots_noai), as img2dataset's "
+        "defaults; [] ignores the header.",
+    )
+    robots_user_agents: list[str] = Field(
+        default_factory=lambda: ["sd-pipeline", "img2dataset"],
+        description="X-Robots-Tag directives scoped to one of these agents ('img2dataset: noai') "
+        "apply too; those scoped to other agents do not.",
+    )
+    user_agent: str = Field(
+        "sd-pipeline/0.1 (image dataset ingestion; honours X-Robots-Tag noai)",
+        min_length=1, description="User-Agent header of downloads.",
+    )
+
+    @model_validator(mode="after")
+    def _scheme(self) -> SourceConfig:
+        if not (self.uri.startswith(("file://", "s3://", "/"))):
+            raise ValueError(
+                f"dataset.source.uri {self.uri!r} must be file:///abs/path, s3://bucket/prefix or an "
+                "absolute path (URL lists are files: put the URLs inside one)"
+            )
+        return self
 
 
 class DatasetConfig(_Section):
