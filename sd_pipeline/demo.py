@@ -118,6 +118,8 @@ def demo_summary(config: PipelineConfig) -> dict[str, Any]:
     ingested = store.get_json(f"{prefix}/ingest.json")
     verdict = store.get_json(f"{prefix}/quality/verdict.json")
     registered = store.get_json(f"runs/{run_id}/registered.json")
+    promotion = (store.get_json(f"runs/{run_id}/promotion.json")
+                 if store.exists(f"runs/{run_id}/promotion.json") else {})
     return {
         "dataset": config.dataset.name, "dataset_version": version,
         "accepted": ingested["accepted"], "quarantined": ingested["quarantined"],
@@ -127,6 +129,8 @@ def demo_summary(config: PipelineConfig) -> dict[str, Any]:
         "run_id": run_id, "mlflow_run_id": registered["mlflow_run_id"],
         "model_name": registered["model_name"], "model_version": registered["model_version"],
         "alias": registered.get("alias"), "metrics": registered.get("metrics", {}),
+        "promotion": promotion.get("decision"), "promotion_reason": promotion.get("reason"),
+        "champion": promotion.get("champion"),
         "sample_grid": registered["grid_uri"], "tracking_uri": config.registry.tracking_uri,
     }
 
@@ -146,6 +150,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  holdout loss      {loss}",
         f"  MLflow run        {s['mlflow_run_id']}",
         f"  registered model  {s['model_name']} version {s['model_version']} (@{s['alias']})",
+        f"  promotion         {s['promotion']}: champion is version {s['champion']}"
+        if s.get("promotion") else "",
         f"  sample grid       {s['sample_grid']}",
         f"  quality report    {s['quality_report']}",
         f"  data card         {s.get('datacard')}",

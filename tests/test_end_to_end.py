@@ -34,6 +34,7 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_demo_prints_the_summary(demo_home: tuple[Path, str]) -> None:
     _, stdout = demo_home
     for label in ("dataset version", "quality gate      passed", "MLflow run", "registered model",
+                  "promotion         promoted: champion is version 1",
                   "sample grid", "quality report"):
         assert label in stdout
 
