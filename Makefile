@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/sd-pipeline demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check sd_pipeline dags plugins tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

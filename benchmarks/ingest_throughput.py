@@ -44,11 +44,17 @@ def make_folder(root: Path, count: int, seed: int = 0) -> Path:
 
 
 def run(raw: Path, store: Path, resolution: int, workers: int) -> tuple[float, dict]:
-    cfg = parse_config({
-        "storage": {"root": f"file://{store}"},
-        "dataset": {"source": {"uri": f"file://{raw}"}, "resolution": resolution,
-                    "workers": workers, "shard_size": 1000},
-    })
+    cfg = parse_config(
+        {
+            "storage": {"root": f"file://{store}"},
+            "dataset": {
+                "source": {"uri": f"file://{raw}"},
+                "resolution": resolution,
+                "workers": workers,
+                "shard_size": 1000,
+            },
+        }
+    )
     started = time.perf_counter()
     summary = ingest(cfg)
     return time.perf_counter() - started, summary
@@ -65,8 +71,10 @@ def main() -> None:
         for workers in (1, os.cpu_count() or 2):
             seconds, summary = run(raw, Path(tmp) / f"store-{workers}", args.resolution, workers)
             results[workers] = seconds
-            print(f"workers={workers}: {args.count} images in {seconds:.2f}s = "
-                  f"{args.count / seconds:.0f} img/s (version {summary['version']})")
+            print(
+                f"workers={workers}: {args.count} images in {seconds:.2f}s = "
+                f"{args.count / seconds:.0f} img/s (version {summary['version']})"
+            )
         w1, wn = results[1], results[max(results)]
         print(f"pool speed-up: {w1 / wn:.2f}x with {max(results)} workers on {os.cpu_count()} CPUs")
 

@@ -27,12 +27,22 @@ def manifest(rows: int, seed: int = 0) -> pd.DataFrame:
     side = rng.integers(512, 1500, size=(rows, 2))
     words = np.array(["a", "red", "circle", "on", "blue", "background", "photo", "of", "dog", "cat"])
     captions = [" ".join(words[rng.integers(0, len(words), size=n)]) for n in rng.integers(3, 20, size=rows)]
-    return pd.DataFrame({
-        "key": [k[:20] for k in keys], "shard": [f"shard-{i // 1000:06d}.tar" for i in range(rows)],
-        "split": "train", "source": [f"images/{i}.jpg" for i in range(rows)], "caption": captions,
-        "sha256": keys, "width": 512, "height": 512, "orig_width": side[:, 0], "orig_height": side[:, 1],
-        "unsafe": False, "meta_license": "cc0-1.0",
-    })
+    return pd.DataFrame(
+        {
+            "key": [k[:20] for k in keys],
+            "shard": [f"shard-{i // 1000:06d}.tar" for i in range(rows)],
+            "split": "train",
+            "source": [f"images/{i}.jpg" for i in range(rows)],
+            "caption": captions,
+            "sha256": keys,
+            "width": 512,
+            "height": 512,
+            "orig_width": side[:, 0],
+            "orig_height": side[:, 1],
+            "unsafe": False,
+            "meta_license": "cc0-1.0",
+        }
+    )
 
 
 def main() -> None:
@@ -41,8 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import great_expectations"], check=True)
-    print(f"import great_expectations (fresh interpreter, with Python start-up): "
-          f"{time.perf_counter() - started:.2f}s")
+    print(
+        f"import great_expectations (fresh interpreter, with Python start-up): "
+        f"{time.perf_counter() - started:.2f}s"
+    )
 
     from sd_pipeline.config import QualityConfig
     from sd_pipeline.quality.gate import validate_manifest
@@ -54,11 +66,18 @@ def main() -> None:
         m = manifest(rows)
         previous = manifest(rows, seed=1)
         started = time.perf_counter()
-        result = validate_manifest(m, GateContext(quarantined=rows // 100, reasons={"near_duplicate": 10},
-                                                  previous=previous, privacy_leaks=0), cfg)
+        result = validate_manifest(
+            m,
+            GateContext(
+                quarantined=rows // 100, reasons={"near_duplicate": 10}, previous=previous, privacy_leaks=0
+            ),
+            cfg,
+        )
         seconds = time.perf_counter() - started
-        print(f"{rows:>9,} rows: {result.statistics['evaluated_expectations']} expectations in "
-              f"{seconds:.2f}s ({rows / seconds:,.0f} rows/s), passed={result.passed}")
+        print(
+            f"{rows:>9,} rows: {result.statistics['evaluated_expectations']} expectations in "
+            f"{seconds:.2f}s ({rows / seconds:,.0f} rows/s), passed={result.passed}"
+        )
 
 
 if __name__ == "__main__":

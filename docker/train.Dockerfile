@@ -17,7 +17,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/sd-pipeline
 COPY pyproject.toml README.md constraints.txt ./
 COPY sd_pipeline ./sd_pipeline
-RUN pip install --no-cache-dir -c constraints.txt ".[train,s3]" \
+RUN pip install --no-cache-dir -c constraints.txt ".[train,s3,tracking]" \
     && rm -rf /root/.cache
 
 # The pod's securityContext runs as 1000 (sd_pipeline.airflow.kubernetes.UID).

@@ -138,10 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Any, help: str, run_id: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--config", help="pipeline YAML, or a run's config.json URI "
-                       "(default: $SD_PIPELINE_CONFIG, else built-in demo defaults)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override one config field (repeatable)")
+        p.add_argument(
+            "--config",
+            help="pipeline YAML, or a run's config.json URI "
+            "(default: $SD_PIPELINE_CONFIG, else built-in demo defaults)",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.FIELD=VALUE",
+            help="override one config field (repeatable)",
+        )
         p.add_argument("--result-file", help="also write the JSON result here")
         if run_id:
             p.add_argument("--run-id", help="run id (default: derived from the resolved config)")
@@ -149,20 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("ingest", cmd_ingest, "ingest the configured source into a dataset version")
-    add("validate", cmd_validate, "run the quality gate; on success the version becomes LATEST") \
-        .add_argument("--version", required=True, help="dataset version id to validate")
-    add("prepare", cmd_prepare, "pin the dataset version and store a run's resolved config") \
-        .add_argument("--dataset-version", help="version id or 'latest' (default: config)")
+    add("validate", cmd_validate, "run the quality gate; on success the version becomes LATEST").add_argument(
+        "--version", required=True, help="dataset version id to validate"
+    )
+    add("prepare", cmd_prepare, "pin the dataset version and store a run's resolved config").add_argument(
+        "--dataset-version", help="version id or 'latest' (default: config)"
+    )
     add("train", cmd_train, "train (resumes the run if it has checkpoints)", run_id=True)
-    add("evaluate", cmd_evaluate, "evaluate a trained run next to the champion: losses, metrics, grids",
-        run_id=True)
+    add(
+        "evaluate",
+        cmd_evaluate,
+        "evaluate a trained run next to the champion: losses, metrics, grids",
+        run_id=True,
+    )
     add("register", cmd_register, "log a run to MLflow and register its model", run_id=True)
-    promote = add("promote", cmd_promote, "make a registered run's version champion if it beats the "
-                  "champion on registry.promote_when (records who, when, why)", run_id=True)
+    promote = add(
+        "promote",
+        cmd_promote,
+        "make a registered run's version champion if it beats the "
+        "champion on registry.promote_when (records who, when, why)",
+        run_id=True,
+    )
     promote.add_argument("--by", default=_whoami(), help="who decides (default: your user name)")
     promote.add_argument("--check", action="store_true", help="only print the verdict; change nothing")
-    rollback = add("rollback", cmd_rollback, "point the champion alias back at the previous champion "
-                   "(records who, when, why)")
+    rollback = add(
+        "rollback",
+        cmd_rollback,
+        "point the champion alias back at the previous champion (records who, when, why)",
+    )
     rollback.add_argument("--reason", required=True, help="why; recorded on both versions")
     rollback.add_argument("--by", default=_whoami(), help="who (default: your user name)")
     rollback.add_argument("--to-version", help="roll back to this version instead of the previous champion")

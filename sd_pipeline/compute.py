@@ -42,9 +42,21 @@ def pod_command(stage: str, config_uri: str, run_id: str, gpus: int) -> list[str
     """
     command = stage_command(stage, config_uri, run_id)
     if gpus > 1:
-        command = ["accelerate", "launch", "--multi_gpu", "--num_machines", "1",
-                   "--num_processes", str(gpus), "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--no_python", *command]
+        command = [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(gpus),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--no_python",
+            *command,
+        ]
     return [*command, "--result-file", XCOM_RESULT_FILE]
 
 
@@ -58,7 +70,10 @@ def run_local(stage: str, config_uri: str, run_id: str, env: dict[str, str] | No
         log.info("local backend: %s", " ".join(args))
         tail: deque[str] = deque(maxlen=40)
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
         assert proc.stdout is not None

@@ -61,7 +61,8 @@ class SourceConfig(_Section):
         "list file or a folder of them (urls).",
     )
     endpoint_url: str | None = Field(
-        None, description="S3 endpoint of an s3:// source (MinIO); None = storage.endpoint_url, "
+        None,
+        description="S3 endpoint of an s3:// source (MinIO); None = storage.endpoint_url, "
         "then AWS_ENDPOINT_URL, then AWS.",
     )
     caption_extension: str = Field(
@@ -73,20 +74,27 @@ class SourceConfig(_Section):
         "auto", description="Format of URL-list files; auto = from the file suffix."
     )
     max_bytes: int = Field(
-        64 * 2**20, ge=1,
+        64 * 2**20,
+        ge=1,
         description="Larger image files and downloads are quarantined (too_large) before they are read.",
     )
     read_workers: int = Field(
-        16, ge=1, le=256,
+        16,
+        ge=1,
+        le=256,
         description="Threads fetching URLs, and s3:// objects (at most the S3 client's 10 connections), "
         "concurrently; local files are read in order. Up to 4x this many inputs wait in memory.",
     )
     timeout_seconds: float = Field(
-        10.0, gt=0.0, le=600.0,
+        10.0,
+        gt=0.0,
+        le=600.0,
         description="Per download attempt: connect, headers and the whole body must arrive within it.",
     )
     retries: int = Field(
-        2, ge=0, le=10,
+        2,
+        ge=0,
+        le=10,
         description="Further attempts after a transient failure (timeout, connection reset, "
         "HTTP 408/429/5xx).",
     )
@@ -113,7 +121,8 @@ class SourceConfig(_Section):
     )
     user_agent: str = Field(
         "sd-pipeline/0.1 (image dataset ingestion; honours X-Robots-Tag noai)",
-        min_length=1, description="User-Agent header of downloads.",
+        min_length=1,
+        description="User-Agent header of downloads.",
     )
 
     @model_validator(mode="after")
@@ -149,7 +158,9 @@ class DatasetConfig(_Section):
         0, ge=0, le=256, description="Processes decoding images; 0 = one per CPU, 1 = in-process."
     )
     near_duplicate_distance: int = Field(
-        2, ge=-1, le=32,
+        2,
+        ge=-1,
+        le=32,
         description="Images whose colour difference hashes differ in at most this many of 192 "
         "bits are near duplicates: the first is kept, the others quarantined. -1 turns it off.",
     )
@@ -177,14 +188,17 @@ class QualityConfig(_Section):
         0.2, ge=0.0, le=1.0, description="Share of inputs quarantined as near duplicates."
     )
     max_unsafe_rate: float = Field(
-        0.05, ge=0.0, le=1.0,
+        0.05,
+        ge=0.0,
+        le=1.0,
         description="Share of inputs flagged or quarantined as unsafe (classifier or blocklist).",
     )
     allowed_licenses: list[str] | None = Field(
         None, description="When set and the metadata has a license column, every value must be in it."
     )
     max_drift: float = Field(
-        0.5, ge=0.0,
+        0.5,
+        ge=0.0,
         description="Largest relative change of mean caption length and median image side "
         "against the previous accepted version.",
     )
@@ -249,8 +263,22 @@ _LABEL_KEY = re.compile(
 )
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _SECRET_LIKE = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|API_KEY", re.I)
-_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_SUFFIX = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 HEAVY_STAGES = ("train", "evaluate")
 
 
@@ -269,7 +297,9 @@ class StepCompute(_Section):
         None, description="Backend of this step; None = compute.backend."
     )
     gpus: int = Field(
-        1, ge=0, le=16,
+        1,
+        ge=0,
+        le=16,
         description="GPUs of the pod (limits compute.kubernetes.gpu_resource); above 1 the stage "
         "command runs under `accelerate launch`, one process per GPU (the trainer does not yet "
         "split batches across them: see docs/deploy.md).",
@@ -286,7 +316,8 @@ class StepCompute(_Section):
     )
     memory_limit: str | None = Field(None, pattern=_QUANTITY, description="Memory limit; None = memory.")
     shm: str = Field(
-        "8Gi", pattern=_QUANTITY,
+        "8Gi",
+        pattern=_QUANTITY,
         description="Size of the in-memory emptyDir at /dev/shm (PyTorch data loader workers); "
         "it counts against the memory limit.",
     )
@@ -334,7 +365,8 @@ class KubernetesConfig(_Section):
     )
     namespace: str = Field("sd-pipeline", pattern=_K8S_NAME)
     service_account: str = Field(
-        "sd-pipeline-train", pattern=_K8S_NAME,
+        "sd-pipeline-train",
+        pattern=_K8S_NAME,
         description="Service account of the pods; bind it to S3 access with IRSA / workload identity.",
     )
     connection_id: str = Field(
@@ -345,7 +377,9 @@ class KubernetesConfig(_Section):
         description="Airflow pool capping the GPUs in use: a pod takes one slot per GPU (at least one).",
     )
     retries: int = Field(
-        2, ge=0, le=20,
+        2,
+        ge=0,
+        le=20,
         description="Task retries; a retry runs the same run id and resumes from its last checkpoint.",
     )
     priority_class: str | None = Field(
@@ -386,7 +420,8 @@ class KubernetesConfig(_Section):
         default_factory=dict, description="Extra pod labels, e.g. team or cost-center for cost reports."
     )
     scratch_claim: str | None = Field(
-        None, pattern=_K8S_NAME,
+        None,
+        pattern=_K8S_NAME,
         description="PersistentVolumeClaim mounted at /scratch (model and data cache kept between "
         "runs); None = an emptyDir of scratch_size.",
     )
@@ -459,9 +494,7 @@ class EvaluateConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     num_inference_steps: int = Field(10, ge=1, le=1000, description="DDIM steps per sample.")
     guidance_scale: float = Field(3.0, ge=0.0, le=50.0)
-    loss_timesteps: list[int] = Field(
-        default_factory=lambda: [100, 300, 500, 700, 900], min_length=1
-    )
+    loss_timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900], min_length=1)
     loss_seed: int = 1234
     compare_with_champion: bool = Field(
         True,
@@ -480,7 +513,9 @@ class EvaluateConfig(_Section):
         "for unsafe_rate over the sampled images; None skips it and the results say why.",
     )
     fd_samples: int = Field(
-        64, ge=2, le=100_000,
+        64,
+        ge=2,
+        le=100_000,
         description="At most this many held-out images (and as many samples from their captions) "
         "for fd_clip and kid_clip.",
     )
@@ -492,7 +527,8 @@ class PromotionRule(_Section):
     metric: str = Field(pattern=r"^[A-Za-z0-9_.]+$", description="An evaluation metric, e.g. holdout_loss.")
     better: Literal["lower", "higher"]
     min_delta: float = Field(
-        0.0, ge=0.0,
+        0.0,
+        ge=0.0,
         description="The challenger must be better by more than zero and by at least this much.",
     )
 
@@ -529,11 +565,13 @@ class RegistryConfig(_Section):
     experiment: str = "sd-pipeline"
     model_name: str = Field("sd-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     alias: str = Field(
-        "challenger", pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        "challenger",
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
         description="Alias a newly registered version gets.",
     )
     champion_alias: str = Field(
-        "champion", pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        "champion",
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
         description="Alias of the version in service; promotion and rollback move it.",
     )
     promote_when: list[PromotionRule] = Field(
@@ -661,9 +699,7 @@ def parse_config(
         raise ConfigError(_format_errors(err, origin)) from None
 
 
-def load_config(
-    path: str | Path, overrides: Mapping[str, Any] | None = None
-) -> PipelineConfig:
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
     """Load ``configs/<pipeline>.yaml`` (or a stored ``config.json``) and apply overrides."""
     p = Path(path)
     if not p.exists():
@@ -698,15 +734,25 @@ def reference_markdown() -> str:
             default = field.get_default(call_default_factory=True)
             kind = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
             limits = ", ".join(
-                f"{k} {getattr(m, k)}" for m in field.metadata for k in
-                ("ge", "gt", "le", "lt", "multiple_of", "pattern", "min_length") if hasattr(m, k)
+                f"{k} {getattr(m, k)}"
+                for m in field.metadata
+                for k in ("ge", "gt", "le", "lt", "multiple_of", "pattern", "min_length")
+                if hasattr(m, k)
             )
             desc = (field.description or "") + (f" ({limits})" if limits else "")
             cells = (f"`{prefix}{name}`", f"`{kind}`", f"`{json.dumps(default)}`", desc)
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         if rows:
-            lines.extend([f"## `{prefix.rstrip('.') or 'pipeline'}`", "",
-                          "| field | type | default | notes |", "|---|---|---|---|", *rows, ""])
+            lines.extend(
+                [
+                    f"## `{prefix.rstrip('.') or 'pipeline'}`",
+                    "",
+                    "| field | type | default | notes |",
+                    "|---|---|---|---|",
+                    *rows,
+                    "",
+                ]
+            )
 
     walk(PipelineConfig, "")
     return "\n".join(lines)

@@ -63,8 +63,13 @@ def setup_embedded_home(config: PipelineConfig) -> dict[str, Any]:
     airflow_version = version("apache-airflow-core")
     if not stamp.exists() or stamp.read_text() != airflow_version:
         home.airflow_home.mkdir(parents=True, exist_ok=True)
-        subprocess.run([_airflow_bin(), "db", "migrate"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        subprocess.run(
+            [_airflow_bin(), "db", "migrate"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         stamp.write_text(airflow_version)
     made["airflow_home"] = str(home.airflow_home)
     home.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
@@ -85,8 +90,9 @@ def run_dag(dag_id: str, env: dict[str, str], log_dir: Path, conf: str | None = 
     seconds = time.perf_counter() - started
     if code != 0:
         tail = log_file.read_text().splitlines()[-60:]
-        raise RuntimeError(f"DAG {dag_id} failed (exit {code}) after {seconds:.0f}s; last log lines:\n"
-                           + "\n".join(tail))
+        raise RuntimeError(
+            f"DAG {dag_id} failed (exit {code}) after {seconds:.0f}s; last log lines:\n" + "\n".join(tail)
+        )
     print(f"    {dag_id} succeeded in {seconds:.1f}s", flush=True)
     return seconds
 
@@ -118,27 +124,41 @@ def demo_summary(config: PipelineConfig) -> dict[str, Any]:
     ingested = store.get_json(f"{prefix}/ingest.json")
     verdict = store.get_json(f"{prefix}/quality/verdict.json")
     registered = store.get_json(f"runs/{run_id}/registered.json")
-    promotion = (store.get_json(f"runs/{run_id}/promotion.json")
-                 if store.exists(f"runs/{run_id}/promotion.json") else {})
+    promotion = (
+        store.get_json(f"runs/{run_id}/promotion.json")
+        if store.exists(f"runs/{run_id}/promotion.json")
+        else {}
+    )
     return {
-        "dataset": config.dataset.name, "dataset_version": version,
-        "accepted": ingested["accepted"], "quarantined": ingested["quarantined"],
+        "dataset": config.dataset.name,
+        "dataset_version": version,
+        "accepted": ingested["accepted"],
+        "quarantined": ingested["quarantined"],
         "quarantine_reasons": ingested["quarantine_reasons"],
         "gate": "passed" if verdict["passed"] else "failed",
-        "quality_report": verdict.get("report_uri"), "datacard": verdict.get("datacard_uri"),
-        "run_id": run_id, "mlflow_run_id": registered["mlflow_run_id"],
-        "model_name": registered["model_name"], "model_version": registered["model_version"],
-        "alias": registered.get("alias"), "metrics": registered.get("metrics", {}),
-        "promotion": promotion.get("decision"), "promotion_reason": promotion.get("reason"),
+        "quality_report": verdict.get("report_uri"),
+        "datacard": verdict.get("datacard_uri"),
+        "run_id": run_id,
+        "mlflow_run_id": registered["mlflow_run_id"],
+        "model_name": registered["model_name"],
+        "model_version": registered["model_version"],
+        "alias": registered.get("alias"),
+        "metrics": registered.get("metrics", {}),
+        "promotion": promotion.get("decision"),
+        "promotion_reason": promotion.get("reason"),
         "champion": promotion.get("champion"),
-        "sample_grid": registered["grid_uri"], "tracking_uri": config.registry.tracking_uri,
+        "sample_grid": registered["grid_uri"],
+        "tracking_uri": config.registry.tracking_uri,
     }
 
 
 def format_summary(s: dict[str, Any]) -> str:
     m = s.get("metrics", {})
-    loss = (f"{m['holdout_loss']:.4f} (base model {m['base_holdout_loss']:.4f})"
-            if "holdout_loss" in m and "base_holdout_loss" in m else "n/a")
+    loss = (
+        f"{m['holdout_loss']:.4f} (base model {m['base_holdout_loss']:.4f})"
+        if "holdout_loss" in m and "base_holdout_loss" in m
+        else "n/a"
+    )
     reasons = ", ".join(f"{k}={v}" for k, v in s["quarantine_reasons"].items()) or "none"
     lines = [
         "",
@@ -151,7 +171,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  MLflow run        {s['mlflow_run_id']}",
         f"  registered model  {s['model_name']} version {s['model_version']} (@{s['alias']})",
         f"  promotion         {s['promotion']}: champion is version {s['champion']}"
-        if s.get("promotion") else "",
+        if s.get("promotion")
+        else "",
         f"  sample grid       {s['sample_grid']}",
         f"  quality report    {s['quality_report']}",
         f"  data card         {s.get('datacard')}",
@@ -165,15 +186,30 @@ def serve_uis(config: PipelineConfig) -> None:
     """Airflow (standalone: api-server, scheduler, dag-processor, triggerer) and MLflow UI."""
     home = EmbeddedHome.from_env()
     setup_embedded_home(config)
-    env = {**os.environ, **airflow_env(home),
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-           "AIRFLOW__API__PORT": "8080"}
+    env = {
+        **os.environ,
+        **airflow_env(home),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API__PORT": "8080",
+    }
     mlflow = Path(sys.executable).with_name("mlflow")
     procs = [
         subprocess.Popen([_airflow_bin(), "standalone"], env=env),
-        subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", "5000",
-                          "--backend-store-uri", config.registry.tracking_uri,
-                          "--default-artifact-root", str(home.mlflow_artifacts)], env=env),
+        subprocess.Popen(
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "5000",
+                "--backend-store-uri",
+                config.registry.tracking_uri,
+                "--default-artifact-root",
+                str(home.mlflow_artifacts),
+            ],
+            env=env,
+        ),
     ]
     print("Airflow: http://127.0.0.1:8080   MLflow: http://127.0.0.1:5000   (Ctrl-C stops both)")
     try:

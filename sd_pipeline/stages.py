@@ -32,11 +32,11 @@ def store_for(config: PipelineConfig) -> Store:
 def load_config_uri(uri: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a config from a path, ``file://`` URI or a stored run's ``s3://…/config.json``."""
     if uri.startswith("s3://"):
-        bucket_key = uri[len("s3://"):]
+        bucket_key = uri[len("s3://") :]
         bucket, _, key = bucket_key.partition("/")
         store = Store.from_uri(f"s3://{bucket}")
         return parse_config(store.get_json(key), overrides, origin=uri)
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
     return load_config(path, overrides)
 
 
@@ -97,10 +97,20 @@ def prepare_run(
     if extra_tags:
         store.put_json(f"runs/{run_id}/trigger.json", extra_tags)
     already = store.is_committed(f"runs/{run_id}/final")
-    log.info("run %s on %s/%s%s", run_id, resolved.dataset.name, version,
-             " (already trained: will reuse)" if already else "")
-    return {"run_id": run_id, "config_uri": store.uri(config_key), "dataset": resolved.dataset.name,
-            "dataset_version": version, "already_trained": already}
+    log.info(
+        "run %s on %s/%s%s",
+        run_id,
+        resolved.dataset.name,
+        version,
+        " (already trained: will reuse)" if already else "",
+    )
+    return {
+        "run_id": run_id,
+        "config_uri": store.uri(config_key),
+        "dataset": resolved.dataset.name,
+        "dataset_version": version,
+        "already_trained": already,
+    }
 
 
 def train(config: PipelineConfig, run_id: str) -> dict[str, Any]:
@@ -142,19 +152,28 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
     # The version the run trained on (a config may still say "latest" when run by hand).
     version = str((train_meta.get("dataset") or {}).get("version") or config.dataset.version)
     ds_prefix = version_prefix(config.dataset.name, version)
-    dataset_records: dict[str, Any] = {"name": config.dataset.name, "version": version,
-                                       "uri": store.uri(ds_prefix)}
+    dataset_records: dict[str, Any] = {
+        "name": config.dataset.name,
+        "version": version,
+        "uri": store.uri(ds_prefix),
+    }
     for field, name in (("ingest", "ingest.json"), ("verdict", "quality/verdict.json")):
         if store.exists(f"{ds_prefix}/{name}"):
             dataset_records[field] = store.get_json(f"{ds_prefix}/{name}")
     if store.exists(f"{ds_prefix}/DATACARD.md"):
         dataset_records["datacard"] = store.get_bytes(f"{ds_prefix}/DATACARD.md").decode("utf-8")
     prompt_set = report.get("prompt_set") or {}
-    run_tags = {"sd_pipeline.run_id": run_id, "dataset.name": config.dataset.name,
-                "dataset.version": version, "train.method": config.train.method,
-                "sd_pipeline.config_fingerprint": config.fingerprint(),
-                "sd_pipeline.prompt_set": f"{prompt_set.get('name')}@{prompt_set.get('version')}",
-                **git_commit(), **airflow_tags(trigger), **(tags or {})}
+    run_tags = {
+        "sd_pipeline.run_id": run_id,
+        "dataset.name": config.dataset.name,
+        "dataset.version": version,
+        "train.method": config.train.method,
+        "sd_pipeline.config_fingerprint": config.fingerprint(),
+        "sd_pipeline.prompt_set": f"{prompt_set.get('name')}@{prompt_set.get('version')}",
+        **git_commit(),
+        **airflow_tags(trigger),
+        **(tags or {}),
+    }
     with tempfile.TemporaryDirectory(prefix=f"sd-register-{run_id}-") as tmp:
         work = Path(tmp)
         model_dir = store.download_dir(final, work / "model")
@@ -172,10 +191,20 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
                 artifacts[f"dataset/{name}"] = store.get_file(f"{ds_prefix}/{name}", work / "dataset" / name)
         numeric = {k: float(v) for k, v in report["metrics"].items() if isinstance(v, (int, float))}
         champion = report.get("champion") or {}
-        numeric.update({f"champion.{k}": float(v) for k, v in (champion.get("metrics") or {}).items()
-                        if isinstance(v, (int, float))})
-        numeric.update({f"train.{k}": float(train_meta[k]) for k in ("seconds", "samples_per_s", "final_loss")
-                        if isinstance(train_meta.get(k), (int, float))})
+        numeric.update(
+            {
+                f"champion.{k}": float(v)
+                for k, v in (champion.get("metrics") or {}).items()
+                if isinstance(v, (int, float))
+            }
+        )
+        numeric.update(
+            {
+                f"train.{k}": float(train_meta[k])
+                for k in ("seconds", "samples_per_s", "final_loss")
+                if isinstance(train_meta.get(k), (int, float))
+            }
+        )
         accepted = (dataset_records.get("ingest") or {}).get("accepted")
         result = log_and_register(
             config.registry,
@@ -184,24 +213,40 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
             metrics=numeric,
             artifacts=artifacts,
             model_dir=model_dir,
-            base_model_dir=resolve_base_model(config.model.base, home.work_dir / "base-models",
-                                              endpoint_url=config.storage.endpoint_url),
+            base_model_dir=resolve_base_model(
+                config.model.base, home.work_dir / "base-models", endpoint_url=config.storage.endpoint_url
+            ),
             tags=run_tags,
-            dataset={"name": config.dataset.name, "version": version,
-                     "uri": store.uri(ds_prefix), **({"samples": accepted} if accepted is not None else {})},
+            dataset={
+                "name": config.dataset.name,
+                "version": version,
+                "uri": store.uri(ds_prefix),
+                **({"samples": accepted} if accepted is not None else {}),
+            },
         )
     card = render_model_card(
-        model_name=result["model_name"], model_version=result["model_version"], config=config,
-        train=train_meta, evaluation=report, dataset=dataset_records,
-        lineage={"MLflow run": result["mlflow_run_id"], "pipeline run": run_id,
-                 **{k: v for k, v in run_tags.items() if k.startswith(("airflow.", "sd_pipeline.git_"))}},
+        model_name=result["model_name"],
+        model_version=result["model_version"],
+        config=config,
+        train=train_meta,
+        evaluation=report,
+        dataset=dataset_records,
+        lineage={
+            "MLflow run": result["mlflow_run_id"],
+            "pipeline run": run_id,
+            **{k: v for k, v in run_tags.items() if k.startswith(("airflow.", "sd_pipeline.git_"))},
+        },
     )
     store.put_bytes(f"runs/{run_id}/MODEL_CARD.md", card.encode("utf-8"))
     card_uri = log_model_card(config.registry, result["mlflow_run_id"], result["model_version"], card)
-    summary = {**result, "run_id": run_id, "metrics": numeric,
-               "grid_uri": store.uri(f"runs/{run_id}/eval/grid.png"),
-               "comparison_grid_uri": (report.get("comparison_grid") or {}).get("uri"),
-               "model_card_uri": card_uri}
+    summary = {
+        **result,
+        "run_id": run_id,
+        "metrics": numeric,
+        "grid_uri": store.uri(f"runs/{run_id}/eval/grid.png"),
+        "comparison_grid_uri": (report.get("comparison_grid") or {}).get("uri"),
+        "model_card_uri": card_uri,
+    }
     store.put_json(f"runs/{run_id}/registered.json", summary)
     store.write_pointer(f"pipelines/{config.name}/LAST_RUN", run_id)
     return summary
@@ -244,8 +289,11 @@ def promote(
     if check_only:
         return {**base, **verdict.to_dict(), "promote": verdict.promote}
     decision = apply_promotion(config.registry, version, verdict, by=by, approval=approval)
-    result = {**base, **decision,
-              "champion_uri": f"models:/{config.registry.model_name}@{config.registry.champion_alias}"}
+    result = {
+        **base,
+        **decision,
+        "champion_uri": f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
+    }
     store.put_json(f"runs/{run_id}/promotion.json", result)
     return result
 

@@ -8,6 +8,7 @@ trust only committed prefixes, so nobody ever sees half of one.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -78,7 +79,7 @@ class Store(ABC):
     def get_json(self, key: str) -> Any:
         return json.loads(self.get_bytes(key))
 
-    def upload_dir(self, local_dir: Path, prefix: str) -> list[str]:
+    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[str]:
         """Upload every file below ``local_dir`` under ``prefix``; returns the keys."""
         keys = []
         for path in sorted(Path(local_dir).rglob("*")):
@@ -235,9 +236,7 @@ class S3Store(Store):
         full = self._key(prefix)
         strip = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=full
-        ):
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             keys.extend(obj["Key"][len(strip) :] for obj in page.get("Contents", []))
         # A prefix "a/b" must not match "a/bc/...": keep exact key or children only.
         want = prefix.rstrip("/")

@@ -26,8 +26,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star")
 
 # (file name, metadata line or None, raw bytes or None) — each is one quarantine reason.
-BAD_INPUTS = ("empty_file", "undecodable", "empty_caption", "too_small", "missing_file",
-              "bad_metadata", "unlisted_file", "near_duplicate")
+BAD_INPUTS = (
+    "empty_file",
+    "undecodable",
+    "empty_caption",
+    "too_small",
+    "missing_file",
+    "bad_metadata",
+    "unlisted_file",
+    "near_duplicate",
+)
 # Good samples stay this far apart (in colour-hash bits), so only the planted copy is a
 # near duplicate; re-rolling the jitter is deterministic.
 MIN_DISTANCE = 6
@@ -105,8 +113,16 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
                 break
         index.add(h, name)
         (out_dir / name).write_bytes(png)
-        lines.append(json.dumps({"file_name": name, "text": caption_text(shape, color, background),
-                                 "license": "cc0-1.0", "author": "sd-pipeline synthetic"}))
+        lines.append(
+            json.dumps(
+                {
+                    "file_name": name,
+                    "text": caption_text(shape, color, background),
+                    "license": "cc0-1.0",
+                    "author": "sd-pipeline synthetic",
+                }
+            )
+        )
 
     # The bad inputs: each must end in quarantine with its own reason code.
     (images / "bad-empty.png").write_bytes(b"")
@@ -117,7 +133,9 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
     (images / "bad-nocaption.png").write_bytes(render_shape("square", "green", "white", size, rng))
     lines.append(json.dumps({"file_name": "images/bad-nocaption.png", "text": "   "}))
     (images / "bad-tiny.png").write_bytes(render_shape("star", "blue", "black", 12, rng))
-    lines.append(json.dumps({"file_name": "images/bad-tiny.png", "text": "a blue star on a black background"}))
+    lines.append(
+        json.dumps({"file_name": "images/bad-tiny.png", "text": "a blue star on a black background"})
+    )
     lines.append(json.dumps({"file_name": "images/does-not-exist.png", "text": "a ghost"}))
     lines.append('{"file_name": "images/00000.png", "text": ')  # cut-off line
     first = Image.open(out_dir / "images/00000.png").convert("RGB").resize((size + 32, size + 32))

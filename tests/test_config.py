@@ -72,4 +72,5 @@ def test_config_reference_doc_is_current() -> None:
 
     doc = (REPO / "docs" / "config.md").read_text()
     assert doc.strip() == reference_markdown().strip(), (
-        "docs/config.md is stale: run `python -m sd_pipeline.config > docs/config.md`")
+        "docs/config.md is stale: run `python -m sd_pipeline.config > docs/config.md`"
+    )

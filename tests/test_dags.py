@@ -12,8 +12,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DAG_FILES = sorted((REPO / "dags").glob("*.py"))
-HEAVY = ["torch", "diffusers", "transformers", "great_expectations", "mlflow", "boto3",
-         "botocore", "pandas", "pyarrow", "PIL", "peft", "accelerate", "tokenizers", "safetensors"]
+HEAVY = [
+    "torch",
+    "diffusers",
+    "transformers",
+    "great_expectations",
+    "mlflow",
+    "boto3",
+    "botocore",
+    "pandas",
+    "pyarrow",
+    "PIL",
+    "peft",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+]
 
 # Run in a fresh interpreter: the test process itself has heavy modules loaded already.
 PROBE = r"""
@@ -31,18 +45,30 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & heavy)))
 
 
 def _heavy_loaded(target: str, env: dict[str, str]) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", PROBE, target, json.dumps(HEAVY)],
-                         capture_output=True, text=True, env=env, cwd=REPO, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, target, json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=True,
+    )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 @pytest.fixture
 def airflow_env(home: Path) -> dict[str, str]:
-    return {**os.environ, "AIRFLOW_HOME": str(home / "airflow"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "SD_PIPELINE_HOME": str(home)}
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "SD_PIPELINE_HOME": str(home),
+    }
 
 
-def test_every_dag_file_loads_without_import_errors(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_dag_file_loads_without_import_errors(
+    airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
     for k, v in airflow_env.items():
@@ -65,7 +91,9 @@ def test_probe_would_notice_a_heavy_import(tmp_path: Path, airflow_env: dict[str
     assert "pandas" in _heavy_loaded(str(bad), airflow_env) - _heavy_loaded("-", airflow_env)
 
 
-def test_ingest_dag_gates_and_emits_the_dataset_asset(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ingest_dag_gates_and_emits_the_dataset_asset(
+    airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
     for k, v in airflow_env.items():
@@ -81,7 +109,9 @@ def test_ingest_dag_gates_and_emits_the_dataset_asset(airflow_env: dict[str, str
     assert {t.task_id for t in train.get_task("train").upstream_list} == {"prepare_run"}
 
 
-def test_train_form_params_are_typed_and_bounded(airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_form_params_are_typed_and_bounded(
+    airflow_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk.exceptions import ParamValidationError
 

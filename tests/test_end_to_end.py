@@ -24,29 +24,49 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     home = tmp_path_factory.mktemp("demo-home")
     env = {**os.environ, "SD_PIPELINE_HOME": str(home), "GX_ANALYTICS_ENABLED": "false"}
     cli = Path(sys.executable).with_name("sd-pipeline")
-    out = subprocess.run([str(cli), "demo", "--config", str(REPO / "configs" / "demo.yaml"),
-                          "--set", "train.steps=20"],
-                         env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    out = subprocess.run(
+        [str(cli), "demo", "--config", str(REPO / "configs" / "demo.yaml"), "--set", "train.steps=20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     assert out.returncode == 0, f"demo failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return home, out.stdout
 
 
 def test_demo_prints_the_summary(demo_home: tuple[Path, str]) -> None:
     _, stdout = demo_home
-    for label in ("dataset version", "quality gate      passed", "MLflow run", "registered model",
-                  "promotion         promoted: champion is version 1",
-                  "sample grid", "quality report"):
+    for label in (
+        "dataset version",
+        "quality gate      passed",
+        "MLflow run",
+        "registered model",
+        "promotion         promoted: champion is version 1",
+        "sample grid",
+        "quality report",
+    ):
         assert label in stdout
 
 
 def test_airflow_ran_both_dags_successfully(demo_home: tuple[Path, str]) -> None:
     home, _ = demo_home
-    env = {**os.environ, "AIRFLOW_HOME": str(home / "airflow"), "SD_PIPELINE_HOME": str(home),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags")}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "SD_PIPELINE_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    }
     airflow = Path(sys.executable).with_name("airflow")
     for dag in ("sd_ingest", "sd_train"):
-        out = subprocess.run([str(airflow), "dags", "list-runs", dag, "-o", "json"], env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [str(airflow), "dags", "list-runs", dag, "-o", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert '"state": "success"' in out.stdout, out.stdout
 
 
@@ -54,8 +74,9 @@ def test_model_is_registered_with_alias_and_lineage(demo_home: tuple[Path, str])
     home, _ = demo_home
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow/mlflow.db",
-                          registry_uri=f"sqlite:///{home}/mlflow/mlflow.db")
+    client = MlflowClient(
+        tracking_uri=f"sqlite:///{home}/mlflow/mlflow.db", registry_uri=f"sqlite:///{home}/mlflow/mlflow.db"
+    )
     mv = client.get_model_version_by_alias("sd-demo-shapes", "challenger")
     assert str(mv.version) == "1"
     run = client.get_run(mv.run_id)
@@ -104,8 +125,9 @@ def test_tasks_link_to_their_reports_and_models(demo_home: tuple[Path, str]) -> 
     """What the UI's extra-link buttons resolve to, read the way the API server reads them."""
     home, _ = demo_home
     env = {**os.environ, "AIRFLOW_HOME": str(home / "airflow"), "SD_PIPELINE_HOME": str(home)}
-    out = subprocess.run([sys.executable, "-c", LINK_PROBE], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", LINK_PROBE], env=env, capture_output=True, text=True, check=True
+    )
     links = json.loads(out.stdout.strip().splitlines()[-1])
     assert links["quality_report"].startswith("/sd-pipeline/store/datasets/shapes/versions/")
     assert links["quality_report"].endswith("/quality/index.html")

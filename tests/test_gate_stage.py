@@ -27,11 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp_path: Path, raw: Path, **quality: object):  # type: ignore[no-untyped-def]
-    return parse_config({
-        "storage": {"root": f"file://{tmp_path}/store"},
-        "dataset": {"source": {"uri": f"file://{raw}"}},
-        "quality": {"min_rows": 20, "allowed_licenses": ["cc0-1.0"], **quality},
-    })
+    return parse_config(
+        {
+            "storage": {"root": f"file://{tmp_path}/store"},
+            "dataset": {"source": {"uri": f"file://{raw}"}},
+            "quality": {"min_rows": 20, "allowed_licenses": ["cc0-1.0"], **quality},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def test_passing_version_gets_a_data_card_with_the_figures(tmp_path: Path, raw: 
     assert store.exists(f"{prefix}/quality/data_docs/index.html") or store.list(f"{prefix}/quality/data_docs")
 
 
-def test_second_version_is_compared_with_the_first(tmp_path: Path, raw: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_second_version_is_compared_with_the_first(
+    tmp_path: Path, raw: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     cfg = _config(tmp_path, raw)
     first = ingest(cfg)["version"]
     validate(cfg, first)
@@ -107,16 +111,29 @@ def test_privacy_check_finds_metadata_planted_in_a_shard(tmp_path: Path, raw: Pa
 def test_airflow_stops_the_ingest_dag_on_a_failed_gate(home: Path) -> None:
     """sd_ingest run by Airflow: the gate task fails, names the expectation, LATEST stays unset."""
     config = home / "strict.yaml"
-    config.write_text((REPO / "configs" / "demo.yaml").read_text().replace("min_rows: 100", "min_rows: 100000"))
-    env = {**os.environ, "SD_PIPELINE_HOME": str(home), "SD_PIPELINE_CONFIG": str(config),
-           "AIRFLOW_HOME": str(home / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "GX_ANALYTICS_ENABLED": "false"}
+    config.write_text(
+        (REPO / "configs" / "demo.yaml").read_text().replace("min_rows: 100", "min_rows: 100000")
+    )
+    env = {
+        **os.environ,
+        "SD_PIPELINE_HOME": str(home),
+        "SD_PIPELINE_CONFIG": str(config),
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
     bin_dir = Path(sys.executable).parent
     generate_shapes_dataset(home / "raw" / "shapes", count=60)
     build_tiny_safety_classifier(home / "models" / "safety-tiny")
     subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
-    out = subprocess.run([str(bin_dir / "airflow"), "dags", "test", "sd_ingest"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [str(bin_dir / "airflow"), "dags", "test", "sd_ingest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode != 0
     log = out.stdout + out.stderr
     assert "failed its quality gate" in log and "expect_table_row_count_to_be_between" in log

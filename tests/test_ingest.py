@@ -19,10 +19,12 @@ from sd_pipeline.synthetic import generate_shapes_dataset
 
 
 def _config(tmp_path: Path, raw: Path, root: str | None = None, **dataset: object):
-    return parse_config({
-        "storage": {"root": root or f"file://{tmp_path}/store"},
-        "dataset": {"source": {"uri": f"file://{raw}"}, "shard_size": 100, **dataset},
-    })
+    return parse_config(
+        {
+            "storage": {"root": root or f"file://{tmp_path}/store"},
+            "dataset": {"source": {"uri": f"file://{raw}"}, "shard_size": 100, **dataset},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +138,14 @@ def test_exif_orientation_is_applied() -> None:
     assert (out.orig_width, out.orig_height) == (30, 60)
 
 
-@pytest.mark.parametrize("img, reason", [
-    (Image.new("RGB", (200, 200)), "too_many_pixels"),
-    (Image.new("RGB", (100, 20)), "bad_aspect_ratio"),
-    (Image.new("RGB", (10, 10)), "too_small"),
-])
+@pytest.mark.parametrize(
+    "img, reason",
+    [
+        (Image.new("RGB", (200, 200)), "too_many_pixels"),
+        (Image.new("RGB", (100, 20)), "bad_aspect_ratio"),
+        (Image.new("RGB", (10, 10)), "too_small"),
+    ],
+)
 def test_image_checks_have_reason_codes(img: Image.Image, reason: str) -> None:
     out = process_image(_encode(img, "PNG"), **CHECK)
     assert isinstance(out, Rejection) and out.reason == reason
@@ -176,7 +181,10 @@ def test_near_duplicate_index_agrees_with_brute_force() -> None:
     rng = random.Random(0)
     base = [rng.getrandbits(192) for _ in range(40)]
     # Plant neighbours at known distances from some of the base hashes.
-    probes = [b ^ sum(1 << rng.randrange(192) for _ in range(d)) for b, d in zip(base, [0, 1, 2, 3, 5] * 8, strict=False)]
+    probes = [
+        b ^ sum(1 << rng.randrange(192) for _ in range(d))
+        for b, d in zip(base, [0, 1, 2, 3, 5] * 8, strict=False)
+    ]
     for k in (0, 2, 4):
         index = NearDuplicateIndex(k)
         for i, h in enumerate(base):

@@ -18,16 +18,19 @@ REPO = Path(__file__).resolve().parent.parent
 V = "0123456789abcdef"
 
 
-@pytest.mark.parametrize("key, public", [
-    (f"datasets/shapes/versions/{V}/quality/index.html", True),
-    (f"datasets/shapes/versions/{V}/quality/data_docs/validations/x.html", True),
-    (f"datasets/shapes/versions/{V}/DATACARD.md", True),
-    ("runs/demo-abc/eval/grid.png", True),
-    (f"datasets/shapes/versions/{V}/shards/shard-000000.tar", False),
-    (f"datasets/shapes/versions/{V}/manifest.parquet", False),
-    ("runs/demo-abc/final/pytorch_lora_weights.safetensors", False),
-    (f"datasets/shapes/versions/{V}/quality/../manifest.parquet", False),
-])
+@pytest.mark.parametrize(
+    "key, public",
+    [
+        (f"datasets/shapes/versions/{V}/quality/index.html", True),
+        (f"datasets/shapes/versions/{V}/quality/data_docs/validations/x.html", True),
+        (f"datasets/shapes/versions/{V}/DATACARD.md", True),
+        ("runs/demo-abc/eval/grid.png", True),
+        (f"datasets/shapes/versions/{V}/shards/shard-000000.tar", False),
+        (f"datasets/shapes/versions/{V}/manifest.parquet", False),
+        ("runs/demo-abc/final/pytorch_lora_weights.safetensors", False),
+        (f"datasets/shapes/versions/{V}/quality/../manifest.parquet", False),
+    ],
+)
 def test_only_published_reports_are_public(key: str, public: bool) -> None:
     assert is_public(key) is public
 
@@ -62,8 +65,12 @@ def test_airflow_loads_the_plugin_with_every_link(home: Path) -> None:
         "print(json.dumps({'links': sorted(l.name for l in links),\n"
         "                  'apps': [a['url_prefix'] for a in apps]}))\n"
     )
-    env = {**os.environ, "AIRFLOW_HOME": str(home / "airflow"),
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"), "SD_PIPELINE_HOME": str(home)}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "SD_PIPELINE_HOME": str(home),
+    }
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["links"] == sorted(LINK_NAMES.values())

@@ -46,14 +46,25 @@ def _frames(cfg):  # type: ignore[no-untyped-def]
 
 
 def _cfg(tmp_path: Path, raw: Path, **safety: object):  # type: ignore[no-untyped-def]
-    return parse_config({"storage": {"root": f"file://{tmp_path}/store"},
-                         "dataset": {"source": {"uri": f"file://{raw}"}}, "safety": safety})
+    return parse_config(
+        {
+            "storage": {"root": f"file://{tmp_path}/store"},
+            "dataset": {"source": {"uri": f"file://{raw}"}},
+            "safety": safety,
+        }
+    )
 
 
-@pytest.mark.parametrize("caption, hit", [
-    ("a NUDE figure", "nude"), ("gore-free photo", None), ("a nudelman sign", None),
-    ("porn", "porn"), ("a red circle", None),
-])
+@pytest.mark.parametrize(
+    "caption, hit",
+    [
+        ("a NUDE figure", "nude"),
+        ("gore-free photo", None),
+        ("a nudelman sign", None),
+        ("porn", "porn"),
+        ("a red circle", None),
+    ],
+)
 def test_blocklist_matches_whole_words_in_any_case(caption: str, hit: str | None) -> None:
     assert blocklisted_term(caption, ["nude", "gore", "porn"]) == hit
 
@@ -77,14 +88,17 @@ def test_classifier_scores_every_image_and_acts_on_the_threshold(
     tmp_path: Path, raw: Path, classifier_dir: Path
 ) -> None:
     # Threshold 0 marks everything: proves each accepted image went through the model.
-    summary, manifest, quarantine = _frames(_cfg(tmp_path, raw, classifier=str(classifier_dir),
-                                                 threshold=0.0, action="flag"))
+    summary, manifest, quarantine = _frames(
+        _cfg(tmp_path, raw, classifier=str(classifier_dir), threshold=0.0, action="flag")
+    )
     assert manifest["unsafe_score"].between(0, 1).all() and manifest["unsafe"].all()
-    summary, manifest, quarantine = _frames(_cfg(tmp_path / "q", raw, classifier=str(classifier_dir),
-                                                 threshold=0.0))
+    summary, manifest, quarantine = _frames(
+        _cfg(tmp_path / "q", raw, classifier=str(classifier_dir), threshold=0.0)
+    )
     assert manifest.empty
     assert (quarantine["reason"] == "unsafe_image").sum() == summary["inputs"] - (
-        quarantine["reason"] != "unsafe_image").sum()
+        quarantine["reason"] != "unsafe_image"
+    ).sum()
 
 
 def test_classifier_refuses_labels_it_does_not_have(classifier_dir: Path) -> None:

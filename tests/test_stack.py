@@ -212,7 +212,7 @@ def test_the_dockerfiles_copy_what_exists_and_split_airflow_from_training() -> N
             assert ":" in image and not image.endswith(":latest"), f"{dockerfile}: unpinned {image}"
     default_extras = re.search(r"ARG SD_PIPELINE_EXTRAS=(\S+)", airflow).group(1).split(",")  # type: ignore[union-attr]
     assert "train" not in default_extras  # the Airflow image carries no training stack
-    assert '".[train,s3]"' in train and "apache-airflow" not in train
+    assert '".[train,s3,tracking]"' in train and "apache-airflow" not in train
     assert re.findall(r"^USER\s+(\S+)", train, re.M)[-1] == "1000"  # kubernetes.UID
     config_env = re.search(r"SD_PIPELINE_CONFIG=(\S+)", airflow).group(1)  # type: ignore[union-attr]
     assert (REPO / config_env.removeprefix("/opt/sd-pipeline/")).is_file()

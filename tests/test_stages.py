@@ -19,8 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("sd-pipeline")
     env = {**os.environ, "SD_PIPELINE_HOME": str(home), "GX_ANALYTICS_ENABLED": "false"}
-    return subprocess.run([str(exe), *args, "--config", str(REPO / "configs" / "demo.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(exe), *args, "--config", str(REPO / "configs" / "demo.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture

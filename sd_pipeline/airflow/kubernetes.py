@@ -46,8 +46,9 @@ class StagePodOperator(KubernetesPodOperator):
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
 
-def stage_pod_operator(stage: str, config: PipelineConfig, *, run_task_id: str = "prepare_run",
-                       **kwargs: Any) -> StagePodOperator:
+def stage_pod_operator(
+    stage: str, config: PipelineConfig, *, run_task_id: str = "prepare_run", **kwargs: Any
+) -> StagePodOperator:
     """The task that runs ``sd-pipeline <stage>`` in a pod on the cluster of ``compute.kubernetes``."""
     if not config.storage.root.startswith("s3://"):
         raise ValueError(
@@ -57,8 +58,9 @@ def stage_pod_operator(stage: str, config: PipelineConfig, *, run_task_id: str =
         )
     kube = config.compute.kubernetes
     step = config.compute.step(stage)
-    command = pod_command(stage, run_field("config_uri", run_task_id), run_field("run_id", run_task_id),
-                          step.gpus)
+    command = pod_command(
+        stage, run_field("config_uri", run_task_id), run_field("run_id", run_task_id), step.gpus
+    )
     return StagePodOperator(
         task_id=stage,
         name=f"sd-{stage}",
@@ -74,23 +76,32 @@ def stage_pod_operator(stage: str, config: PipelineConfig, *, run_task_id: str =
         env_vars=pod_env(kube, config.storage.endpoint_url),
         container_resources=pod_resources(step, kube),
         volumes=pod_volumes(step, kube),
-        volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-                       k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)],
+        volume_mounts=[
+            k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+            k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH),
+        ],
         node_selector=dict(kube.node_selector),
         affinity=gpu_affinity(step, kube),
-        tolerations=[k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-                     for t in kube.tolerations],
+        tolerations=[
+            k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+            for t in kube.tolerations
+        ],
         priority_class_name=kube.priority_class,
         security_context=k8s.V1PodSecurityContext(
-            run_as_non_root=True, run_as_user=UID, run_as_group=UID, fs_group=UID,
+            run_as_non_root=True,
+            run_as_user=UID,
+            run_as_group=UID,
+            fs_group=UID,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
         ),
         # Both containers, so the pod passes the "restricted" Pod Security Standard.
         container_security_context=_container_security(),
         xcom_sidecar_container_security_context=_container_security(),
         labels=pod_labels(stage, config, run_task_id),
-        annotations={f"{LABEL_PREFIX}/run-id": run_field("run_id", run_task_id),
-                     f"{LABEL_PREFIX}/config-uri": run_field("config_uri", run_task_id)},
+        annotations={
+            f"{LABEL_PREFIX}/run-id": run_field("run_id", run_task_id),
+            f"{LABEL_PREFIX}/config-uri": run_field("config_uri", run_task_id),
+        },
         # Results come back as the small JSON the command writes to compute.XCOM_RESULT_FILE.
         do_xcom_push=True,
         deferrable=True,
@@ -115,8 +126,9 @@ def stage_pod_operator(stage: str, config: PipelineConfig, *, run_task_id: str =
 
 
 def _container_security() -> k8s.V1SecurityContext:
-    return k8s.V1SecurityContext(allow_privilege_escalation=False,
-                                 capabilities=k8s.V1Capabilities(drop=["ALL"]))
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])
+    )
 
 
 def pod_labels(stage: str, config: PipelineConfig, run_task_id: str = "prepare_run") -> dict[str, str]:
@@ -144,8 +156,12 @@ def pod_env(kube: KubernetesConfig, endpoint_url: str | None) -> list[k8s.V1EnvV
     }
     env = [k8s.V1EnvVar(name=name, value=value) for name, value in plain.items()]
     env += [
-        k8s.V1EnvVar(name=ref.env, value_from=k8s.V1EnvVarSource(
-            secret_key_ref=k8s.V1SecretKeySelector(name=ref.secret, key=ref.key, optional=ref.optional)))
+        k8s.V1EnvVar(
+            name=ref.env,
+            value_from=k8s.V1EnvVarSource(
+                secret_key_ref=k8s.V1SecretKeySelector(name=ref.secret, key=ref.key, optional=ref.optional)
+            ),
+        )
         for ref in kube.secret_env
     ]
     return env
@@ -162,8 +178,10 @@ def pod_resources(step: StepCompute, kube: KubernetesConfig) -> k8s.V1ResourceRe
 def pod_volumes(step: StepCompute, kube: KubernetesConfig) -> list[k8s.V1Volume]:
     """A RAM-backed /dev/shm for data-loader workers, and the scratch/cache volume."""
     scratch = (
-        k8s.V1Volume(name="scratch", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=kube.scratch_claim))
+        k8s.V1Volume(
+            name="scratch",
+            persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=kube.scratch_claim),
+        )
         if kube.scratch_claim
         else k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=kube.scratch_size))
     )
@@ -177,9 +195,18 @@ def gpu_affinity(step: StepCompute, kube: KubernetesConfig) -> k8s.V1Affinity | 
     """Require a node whose GPU model is one of ``gpu_types`` (none: any node that fits)."""
     if not step.gpu_types or not step.gpus:
         return None
-    return k8s.V1Affinity(node_affinity=k8s.V1NodeAffinity(
-        required_during_scheduling_ignored_during_execution=k8s.V1NodeSelector(node_selector_terms=[
-            k8s.V1NodeSelectorTerm(match_expressions=[k8s.V1NodeSelectorRequirement(
-                key=kube.gpu_type_label, operator="In", values=list(step.gpu_types))]),
-        ]),
-    ))
+    return k8s.V1Affinity(
+        node_affinity=k8s.V1NodeAffinity(
+            required_during_scheduling_ignored_during_execution=k8s.V1NodeSelector(
+                node_selector_terms=[
+                    k8s.V1NodeSelectorTerm(
+                        match_expressions=[
+                            k8s.V1NodeSelectorRequirement(
+                                key=kube.gpu_type_label, operator="In", values=list(step.gpu_types)
+                            )
+                        ]
+                    ),
+                ]
+            ),
+        )
+    )

@@ -39,7 +39,7 @@ def store_url(root_uri: str, uri: str | None) -> str | None:
     if not uri.startswith(root):
         return None
     base = os.environ.get("SD_PIPELINE_AIRFLOW_URL", "").rstrip("/")
-    return f"{base}{APP_PREFIX}/store/{quote(uri[len(root):])}"
+    return f"{base}{APP_PREFIX}/store/{quote(uri[len(root) :])}"
 
 
 def mlflow_ui() -> str:
@@ -108,7 +108,11 @@ class ModelVersionLink(_PushedLink):
 
 
 ALL_LINKS: list[BaseOperatorLink] = [
-    QualityReportLink(), DataDocsLink(), DataCardLink(), SampleGridLink(), MlflowRunLink(),
+    QualityReportLink(),
+    DataDocsLink(),
+    DataCardLink(),
+    SampleGridLink(),
+    MlflowRunLink(),
     ModelVersionLink(),
 ]
 
@@ -120,9 +124,13 @@ def read_link(key: str, ti_key: Any) -> str:
 
     with create_session() as session:
         row = session.execute(
-            XComModel.get_many(key=key, run_id=ti_key.run_id, dag_ids=ti_key.dag_id,
-                               task_ids=ti_key.task_id, map_indexes=ti_key.map_index)
-            .with_only_columns(XComModel.value)
+            XComModel.get_many(
+                key=key,
+                run_id=ti_key.run_id,
+                dag_ids=ti_key.dag_id,
+                task_ids=ti_key.task_id,
+                map_indexes=ti_key.map_index,
+            ).with_only_columns(XComModel.value)
         ).first()
     if not row:
         return ""

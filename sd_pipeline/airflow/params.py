@@ -27,22 +27,32 @@ def train_params(config: PipelineConfig) -> dict[str, Any]:
     t = config.train
     return {
         "dataset_version": Param(
-            "latest", type="string", title="Dataset version",
+            "latest",
+            type="string",
+            title="Dataset version",
             description="'latest' accepted version, or an explicit 16-hex version id. "
             "A run started by a new dataset version uses that version.",
             pattern=r"^(latest|[0-9a-f]{16})$",
         ),
-        "method": Param(t.method, type="string", enum=["lora", "full"], title="Method",
-                        values_display={"lora": "LoRA adapter", "full": "Full UNet fine-tune"}),
+        "method": Param(
+            t.method,
+            type="string",
+            enum=["lora", "full"],
+            title="Method",
+            values_display={"lora": "LoRA adapter", "full": "Full UNet fine-tune"},
+        ),
         "steps": Param(t.steps, type="integer", minimum=1, maximum=1_000_000, title="Training steps"),
-        "learning_rate": Param(t.learning_rate, type="number", exclusiveMinimum=0, maximum=1,
-                               title="Learning rate"),
+        "learning_rate": Param(
+            t.learning_rate, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate"
+        ),
         "lora_rank": Param(t.lora_rank, type="integer", minimum=1, maximum=1024, title="LoRA rank"),
         "batch_size": Param(t.batch_size, type="integer", minimum=1, maximum=4096, title="Batch size"),
         "seed": Param(t.seed, type="integer", minimum=0, title="Seed"),
         # Not a config override: approving changes who decides, not what is trained (run id).
         "require_approval": Param(
-            config.registry.require_approval, type="boolean", title="Require approval",
+            config.registry.require_approval,
+            type="boolean",
+            title="Require approval",
             description="Ask a person (an Airflow required action) before a challenger that beats "
             "the champion is promoted.",
         ),
@@ -55,15 +65,22 @@ def rollback_params() -> dict[str, Any]:
 
     return {
         "reason": Param(
-            type="string", minLength=3, title="Reason",
+            type="string",
+            minLength=3,
+            title="Reason",
             description="Why the champion is rolled back; recorded on both model versions.",
         ),
         "requested_by": Param(
-            None, type=["null", "string"], title="Requested by",
+            None,
+            type=["null", "string"],
+            title="Requested by",
             description="Who asks for it; empty = the user who triggered this run.",
         ),
         "to_version": Param(
-            None, type=["null", "string"], pattern=r"^[0-9]+$", title="Roll back to version",
+            None,
+            type=["null", "string"],
+            pattern=r"^[0-9]+$",
+            title="Roll back to version",
             description="Empty = the champion before the current one.",
         ),
     }

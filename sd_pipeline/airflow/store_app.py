@@ -50,9 +50,15 @@ def create_app(store_factory: Any = None) -> Any:
             data = factory().get_bytes(key)
         except StoreError:
             raise HTTPException(404, "no such object") from None
-        kind = "text/markdown; charset=utf-8" if key.endswith(".md") else (
-            mimetypes.guess_type(key)[0] or "application/octet-stream")
-        return Response(content=data, media_type=kind,
-                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+        kind = (
+            "text/markdown; charset=utf-8"
+            if key.endswith(".md")
+            else (mimetypes.guess_type(key)[0] or "application/octet-stream")
+        )
+        return Response(
+            content=data,
+            media_type=kind,
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+        )
 
     return app

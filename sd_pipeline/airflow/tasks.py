@@ -27,9 +27,14 @@ def ingest() -> dict[str, Any]:
     from sd_pipeline import stages
 
     summary = stages.ingest(stages.load_config_uri(config_path()))
-    log.info("dataset %s version %s: %d accepted, %d quarantined (%s)", summary["dataset"],
-             summary["version"], summary["accepted"], summary["quarantined"],
-             summary["quarantine_reasons"])
+    log.info(
+        "dataset %s version %s: %d accepted, %d quarantined (%s)",
+        summary["dataset"],
+        summary["version"],
+        summary["accepted"],
+        summary["quarantined"],
+        summary["quarantine_reasons"],
+    )
     return summary
 
 
@@ -65,11 +70,13 @@ def _push_report_links(config: PipelineConfig, dataset: str, version: str) -> No
     verdict = store.get_json(verdict_key)
     root = config.storage.root
     docs = [k for k in store.list(f"{prefix}/quality/data_docs/validations") if k.endswith(".html")]
-    push_links({
-        "quality_report": store_url(root, verdict.get("report_uri")),
-        "datacard": store_url(root, verdict.get("datacard_uri")),
-        "data_docs": store_url(root, store.uri(docs[0])) if docs else None,
-    })
+    push_links(
+        {
+            "quality_report": store_url(root, verdict.get("report_uri")),
+            "datacard": store_url(root, verdict.get("datacard_uri")),
+            "data_docs": store_url(root, store.uri(docs[0])) if docs else None,
+        }
+    )
 
 
 def _triggering_version() -> str | None:
@@ -90,10 +97,14 @@ def prepare() -> dict[str, Any]:
         overrides["dataset.version"] = triggered
     config = stages.load_config_uri(config_path(), overrides)
     dag_run = ctx["dag_run"]
-    return stages.prepare_run(config, extra_tags={
-        "airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id,
-        "airflow.triggered_by_asset": str(bool(triggered)),
-    })
+    return stages.prepare_run(
+        config,
+        extra_tags={
+            "airflow.dag_id": dag_run.dag_id,
+            "airflow.run_id": dag_run.run_id,
+            "airflow.triggered_by_asset": str(bool(triggered)),
+        },
+    )
 
 
 def heavy_stage(stage: str, config: PipelineConfig, run: Any, after: Any = None) -> Any:
@@ -134,17 +145,25 @@ def register(run: dict[str, Any]) -> dict[str, Any]:
 
     ctx = _context()
     config = stages.load_config_uri(run["config_uri"])
-    registered = stages.register(config, run["run_id"], tags={
-        "airflow.dag_id": ctx["dag_run"].dag_id, "airflow.run_id": ctx["dag_run"].run_id,
-    })
+    registered = stages.register(
+        config,
+        run["run_id"],
+        tags={
+            "airflow.dag_id": ctx["dag_run"].dag_id,
+            "airflow.run_id": ctx["dag_run"].run_id,
+        },
+    )
     from sd_pipeline.airflow.links import mlflow_run_url, model_version_url, push_links, store_url
 
-    push_links({
-        "sample_grid": store_url(config.storage.root, registered.get("grid_uri")),
-        "mlflow_run": mlflow_run_url(registered["experiment_id"], registered["mlflow_run_id"])
-        if registered.get("experiment_id") else None,
-        "model_version": model_version_url(registered["model_name"], str(registered["model_version"])),
-    })
+    push_links(
+        {
+            "sample_grid": store_url(config.storage.root, registered.get("grid_uri")),
+            "mlflow_run": mlflow_run_url(registered["experiment_id"], registered["mlflow_run_id"])
+            if registered.get("experiment_id")
+            else None,
+            "model_version": model_version_url(registered["model_name"], str(registered["model_version"])),
+        }
+    )
     return registered
 
 
@@ -178,8 +197,13 @@ def promotion_check(run: dict[str, Any]) -> list[str]:
     verdict = stages.promote(config, run["run_id"], check_only=True)
     ctx["ti"].xcom_push(key="verdict", value=verdict)
     wanted = ctx["params"].get("require_approval", config.registry.require_approval)
-    log.info("promotion verdict for %s version %s: %s (%s)", verdict["model_name"],
-             verdict["model_version"], verdict["decision"], verdict["reason"])
+    log.info(
+        "promotion verdict for %s version %s: %s (%s)",
+        verdict["model_name"],
+        verdict["model_version"],
+        verdict["decision"],
+        verdict["reason"],
+    )
     if wanted and verdict["promote"]:
         return [APPROVAL_TASK, PROMOTE_TASK]
     return [PROMOTE_TASK]
@@ -192,8 +216,7 @@ def approval_from(answer: dict[str, Any] | None) -> dict[str, Any] | None:
     user = answer.get("responded_by_user") or {}
     who = user.get("name") or user.get("id") or "nobody (the request timed out)"
     comment = (answer.get("params_input") or {}).get("comment") or ""
-    return {"approved": list(answer.get("chosen_options") or []) == [APPROVE], "by": who,
-            "comment": comment}
+    return {"approved": list(answer.get("chosen_options") or []) == [APPROVE], "by": who, "comment": comment}
 
 
 def promote(run: dict[str, Any]) -> dict[str, Any]:
@@ -204,8 +227,9 @@ def promote(run: dict[str, Any]) -> dict[str, Any]:
     config = stages.load_config_uri(run["config_uri"])
     dag_run = ctx["dag_run"]
     approval = approval_from(ctx["ti"].xcom_pull(task_ids=APPROVAL_TASK))
-    return stages.promote(config, run["run_id"], by=f"airflow:{dag_run.dag_id}/{dag_run.run_id}",
-                          approval=approval)
+    return stages.promote(
+        config, run["run_id"], by=f"airflow:{dag_run.dag_id}/{dag_run.run_id}", approval=approval
+    )
 
 
 def rollback() -> dict[str, Any]:

@@ -33,8 +33,20 @@ from sd_pipeline.storage import Store
 log = logging.getLogger("sd_pipeline.ingest")
 
 MANIFEST_COLUMNS = [
-    "key", "shard", "split", "source", "caption", "sha256",
-    "width", "height", "orig_width", "orig_height", "format", "dhash", "unsafe_score", "unsafe",
+    "key",
+    "shard",
+    "split",
+    "source",
+    "caption",
+    "sha256",
+    "width",
+    "height",
+    "orig_width",
+    "orig_height",
+    "format",
+    "dhash",
+    "unsafe_score",
+    "unsafe",
 ]
 QUARANTINE_COLUMNS = ["source", "reason", "detail"]
 
@@ -47,9 +59,7 @@ def check_caption(caption: str, max_chars: int) -> Rejection | str:
     if any(unicodedata.category(c) == "Cc" for c in text):
         return Rejection("bad_caption", "caption holds control characters")
     if len(text) > max_chars:
-        return Rejection(
-            "caption_too_long", f"caption has {len(text)} characters, above {max_chars}"
-        )
+        return Rejection("caption_too_long", f"caption has {len(text)} characters, above {max_chars}")
     return text
 
 
@@ -110,17 +120,26 @@ def _apply_safety(
         from sd_pipeline.models.base import resolve_base_model
         from sd_pipeline.quality.safety import ImageSafetyClassifier
 
-        path = resolve_base_model(safety.classifier, EmbeddedHome.from_env().work_dir / "classifiers",
-                                  endpoint_url=config.storage.endpoint_url, required_file="config.json")
+        path = resolve_base_model(
+            safety.classifier,
+            EmbeddedHome.from_env().work_dir / "classifiers",
+            endpoint_url=config.storage.endpoint_url,
+            required_file="config.json",
+        )
         classifier = ImageSafetyClassifier(path, safety.unsafe_labels)
         scores = classifier.score([images[row["key"]] for row in accepted])
     kept = []
     for row, score in zip(accepted, scores, strict=True):
         unsafe_image = score == score and score >= safety.threshold  # NaN never is
         if unsafe_image and safety.action == "quarantine":
-            quarantine.append({"source": row["source"], "reason": "unsafe_image",
-                               "detail": f"{row['source']}: unsafe score {score:.3f} >= "
-                                         f"safety.threshold={safety.threshold}"})
+            quarantine.append(
+                {
+                    "source": row["source"],
+                    "reason": "unsafe_image",
+                    "detail": f"{row['source']}: unsafe score {score:.3f} >= "
+                    f"safety.threshold={safety.threshold}",
+                }
+            )
             del images[row["key"]]
             continue
         row["unsafe_score"] = score
@@ -143,8 +162,13 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     quarantine: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     n_inputs = 0
-    check = partial(process_image, resolution=ds.resolution, min_side=ds.min_side,
-                    max_aspect_ratio=ds.max_aspect_ratio, max_pixels=ds.max_pixels)
+    check = partial(
+        process_image,
+        resolution=ds.resolution,
+        min_side=ds.min_side,
+        max_aspect_ratio=ds.max_aspect_ratio,
+        max_pixels=ds.max_pixels,
+    )
     pending: list[tuple[SourceItem, str, str]] = []  # (item, clean caption, sha256)
     safety = config.safety
     flagged_captions: dict[str, str] = {}
@@ -154,33 +178,47 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
         pool = lazy.get(full_batch=len(pending) >= BATCH)
         datas = [item.data for item, _, _ in pending]
         names = [item.source for item, _, _ in pending]
-        results = (pool.map(_process_named, datas, names, [check] * len(datas), chunksize=8)
-                   if pool else map(_process_named, datas, names, [check] * len(datas)))
+        results = (
+            pool.map(_process_named, datas, names, [check] * len(datas), chunksize=8)
+            if pool
+            else map(_process_named, datas, names, [check] * len(datas))
+        )
         for (item, caption, digest), result in zip(pending, results, strict=True):
             if isinstance(result, Rejection):
-                quarantine.append({"source": item.source, "reason": result.reason,
-                                   "detail": result.detail})
+                quarantine.append({"source": item.source, "reason": result.reason, "detail": result.detail})
                 continue
             if dedup is not None:
                 match = dedup.find(result.dhash)
                 if match is not None:
-                    quarantine.append({
-                        "source": item.source, "reason": "near_duplicate",
-                        "detail": f"{item.source} looks like {match[0]} "
-                                  f"({match[1]} of 192 hash bits differ; "
-                                  f"dataset.near_duplicate_distance={ds.near_duplicate_distance})"})
+                    quarantine.append(
+                        {
+                            "source": item.source,
+                            "reason": "near_duplicate",
+                            "detail": f"{item.source} looks like {match[0]} "
+                            f"({match[1]} of 192 hash bits differ; "
+                            f"dataset.near_duplicate_distance={ds.near_duplicate_distance})",
+                        }
+                    )
                     continue
                 dedup.add(result.dhash, item.source)
             key = digest[:20]
             images[key] = result.jpeg
-            accepted.append({
-                "key": key, "split": _split_of(key, ds.holdout_fraction), "source": item.source,
-                "caption": caption, "sha256": digest, "width": result.width,
-                "height": result.height, "orig_width": result.orig_width,
-                "orig_height": result.orig_height, "format": result.format,
-                "dhash": f"{result.dhash:048x}",
-                **{f"meta_{k}": v for k, v in item.extra.items()},
-            })
+            accepted.append(
+                {
+                    "key": key,
+                    "split": _split_of(key, ds.holdout_fraction),
+                    "source": item.source,
+                    "caption": caption,
+                    "sha256": digest,
+                    "width": result.width,
+                    "height": result.height,
+                    "orig_width": result.orig_width,
+                    "orig_height": result.orig_height,
+                    "format": result.format,
+                    "dhash": f"{result.dhash:048x}",
+                    **{f"meta_{k}": v for k, v in item.extra.items()},
+                }
+            )
         pending.clear()
 
     workers = ds.workers or os.cpu_count() or 1
@@ -188,26 +226,40 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
         for item in iter_source(ds.source, endpoint_url=config.storage.endpoint_url):
             n_inputs += 1
             if isinstance(item, SourceRejection):
-                quarantine.append({"source": item.source, "reason": item.reason,
-                                   "detail": item.detail})
+                quarantine.append({"source": item.source, "reason": item.reason, "detail": item.detail})
                 continue
             caption = check_caption(item.caption, ds.caption_max_chars)
             if isinstance(caption, Rejection):
-                quarantine.append({"source": item.source, "reason": caption.reason,
-                                   "detail": f"{item.source}: {caption.detail}"})
+                quarantine.append(
+                    {
+                        "source": item.source,
+                        "reason": caption.reason,
+                        "detail": f"{item.source}: {caption.detail}",
+                    }
+                )
                 continue
             term = blocklisted_term(caption, safety.caption_blocklist)
             if term is not None and safety.action == "quarantine":
-                quarantine.append({"source": item.source, "reason": "unsafe_caption",
-                                   "detail": f"{item.source}: caption contains blocklisted {term!r} "
-                                             "(safety.caption_blocklist)"})
+                quarantine.append(
+                    {
+                        "source": item.source,
+                        "reason": "unsafe_caption",
+                        "detail": f"{item.source}: caption contains blocklisted {term!r} "
+                        "(safety.caption_blocklist)",
+                    }
+                )
                 continue
             if term is not None:
                 flagged_captions[item.source] = term
             digest = hashlib.sha256(item.data).hexdigest()
             if digest in seen:
-                quarantine.append({"source": item.source, "reason": "duplicate_image",
-                                   "detail": f"{item.source} has the same bytes as {seen[digest]}"})
+                quarantine.append(
+                    {
+                        "source": item.source,
+                        "reason": "duplicate_image",
+                        "detail": f"{item.source} has the same bytes as {seen[digest]}",
+                    }
+                )
                 continue
             seen[digest] = item.source
             pending.append((item, caption, digest))
@@ -221,36 +273,56 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
         row["shard"] = f"shard-{i // ds.shard_size:06d}.tar"
     quarantine.sort(key=lambda r: (r["source"], r["reason"]))
     if len(accepted) + len(quarantine) != n_inputs:  # the contract: nothing lost silently
-        raise AssertionError(f"{n_inputs} inputs but {len(accepted)} accepted + {len(quarantine)} quarantined")
+        raise AssertionError(
+            f"{n_inputs} inputs but {len(accepted)} accepted + {len(quarantine)} quarantined"
+        )
 
-    manifest = pd.DataFrame(accepted, columns=MANIFEST_COLUMNS + sorted(
-        {k for r in accepted for k in r} - set(MANIFEST_COLUMNS)))
+    manifest = pd.DataFrame(
+        accepted, columns=MANIFEST_COLUMNS + sorted({k for r in accepted for k in r} - set(MANIFEST_COLUMNS))
+    )
     quarantined = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
-    processing = {"resolution": ds.resolution, "min_side": ds.min_side,
-                  "max_aspect_ratio": ds.max_aspect_ratio, "shard_size": ds.shard_size,
-                  "holdout_fraction": ds.holdout_fraction, "format": "jpeg-q95",
-                  "near_duplicate_distance": ds.near_duplicate_distance,
-                  "safety": config.safety.model_dump(mode="json")}
-    version = hashlib.sha256(json.dumps(
-        {"manifest": accepted, "quarantine": quarantine, "processing": processing},
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    processing = {
+        "resolution": ds.resolution,
+        "min_side": ds.min_side,
+        "max_aspect_ratio": ds.max_aspect_ratio,
+        "shard_size": ds.shard_size,
+        "holdout_fraction": ds.holdout_fraction,
+        "format": "jpeg-q95",
+        "near_duplicate_distance": ds.near_duplicate_distance,
+        "safety": config.safety.model_dump(mode="json"),
+    }
+    version = hashlib.sha256(
+        json.dumps(
+            {"manifest": accepted, "quarantine": quarantine, "processing": processing},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:16]
     prefix = version_prefix(ds.name, version)
     summary: dict[str, Any] = {
-        "dataset": ds.name, "version": version, "uri": store.uri(prefix),
-        "inputs": n_inputs, "accepted": len(accepted), "quarantined": len(quarantine),
+        "dataset": ds.name,
+        "version": version,
+        "uri": store.uri(prefix),
+        "inputs": n_inputs,
+        "accepted": len(accepted),
+        "quarantined": len(quarantine),
         "quarantine_reasons": quarantined["reason"].value_counts().sort_index().to_dict(),
         "splits": manifest["split"].value_counts().sort_index().to_dict() if accepted else {},
         "shards": int(manifest["shard"].nunique()) if accepted else 0,
-        "source": ds.source.uri, "processing": processing,
+        "source": ds.source.uri,
+        "processing": processing,
     }
     if store.is_committed(prefix):
         log.info("dataset %s version %s already committed; nothing to write", ds.name, version)
         return {**summary, "created": False}
 
     for shard, rows in manifest.groupby("shard", sort=True):
-        samples = [ShardSample(r.key, images[r.key], r.caption,
-                               {"split": r.split, "source": r.source, "sha256": r.sha256})
-                   for r in rows.itertuples()]
+        samples = [
+            ShardSample(
+                r.key, images[r.key], r.caption, {"split": r.split, "source": r.source, "sha256": r.sha256}
+            )
+            for r in rows.itertuples()
+        ]
         store.put_bytes(f"{prefix}/shards/{shard}", write_shard(samples))
     for name, frame in (("manifest", manifest), ("quarantine", quarantined)):
         buf = io.BytesIO()
@@ -259,7 +331,15 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     store.put_json(f"{prefix}/ingest.json", summary)
     store.commit(prefix, {"version": version, "accepted": len(accepted)})
     seconds = time.perf_counter() - started
-    log.info("ingested %s/%s: %d inputs -> %d accepted, %d quarantined, %d shards in %.1fs (%.0f img/s)",
-             ds.name, version, n_inputs, len(accepted), len(quarantine), summary["shards"],
-             seconds, n_inputs / max(seconds, 1e-9))
+    log.info(
+        "ingested %s/%s: %d inputs -> %d accepted, %d quarantined, %d shards in %.1fs (%.0f img/s)",
+        ds.name,
+        version,
+        n_inputs,
+        len(accepted),
+        len(quarantine),
+        summary["shards"],
+        seconds,
+        n_inputs / max(seconds, 1e-9),
+    )
     return {**summary, "created": True}

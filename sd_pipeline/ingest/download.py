@@ -73,8 +73,11 @@ class DownloadPolicy:
     @classmethod
     def from_config(cls, source: SourceConfig) -> DownloadPolicy:
         return cls(
-            timeout=source.timeout_seconds, retries=source.retries, backoff=source.retry_backoff_seconds,
-            max_bytes=source.max_bytes, max_redirects=source.max_redirects,
+            timeout=source.timeout_seconds,
+            retries=source.retries,
+            backoff=source.retry_backoff_seconds,
+            max_bytes=source.max_bytes,
+            max_redirects=source.max_redirects,
             allow_private_networks=source.allow_private_networks,
             robots_directives=frozenset(d.lower() for d in source.robots_directives),
             robots_user_agents=frozenset(a.lower() for a in source.robots_user_agents),
@@ -87,6 +90,7 @@ class _Transient(ReadRefused):
 
 
 # -- addresses ------------------------------------------------------------------------
+
 
 def blocked_reason(address: str, allow_private_networks: bool = False) -> str | None:
     """Why a download must not connect to ``address``, or None when it may."""
@@ -103,9 +107,12 @@ def blocked_reason(address: str, allow_private_networks: bool = False) -> str | 
             inner = blocked_reason(str(embedded))
             return f"{inner} (embedded in {ip})" if inner else None
     for test, why in (
-        (ip.is_unspecified, "unspecified"), (ip.is_loopback, "loopback"),
-        (ip.is_link_local, "link-local"), (ip.is_multicast, "multicast"),
-        (ip.is_reserved, "reserved"), (ip.is_private, "private"),
+        (ip.is_unspecified, "unspecified"),
+        (ip.is_loopback, "loopback"),
+        (ip.is_link_local, "link-local"),
+        (ip.is_multicast, "multicast"),
+        (ip.is_reserved, "reserved"),
+        (ip.is_private, "private"),
     ):
         if test:
             return why
@@ -129,8 +136,11 @@ def _public_addresses(url: str, host: str, port: int, policy: DownloadPolicy) ->
     for address in addresses:  # every one: the connection may end up on any of them
         why = blocked_reason(address, policy.allow_private_networks)
         if why:
-            raise ReadRefused("blocked_address", f"{host} in {url} resolves to {address}, {why}; "
-                              "set dataset.source.allow_private_networks for trusted internal lists")
+            raise ReadRefused(
+                "blocked_address",
+                f"{host} in {url} resolves to {address}, {why}; "
+                "set dataset.source.allow_private_networks for trusted internal lists",
+            )
     if not addresses:
         raise ReadRefused("dns_error", f"{host} in {url} resolves to no address")
     return addresses
@@ -160,8 +170,9 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float,
-                 context: ssl.SSLContext) -> None:
+    def __init__(
+        self, host: str, port: int, addresses: Sequence[str], timeout: float, context: ssl.SSLContext
+    ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self.addresses = addresses
         self.tls = context
@@ -175,6 +186,7 @@ _TLS = ssl.create_default_context()
 
 
 # -- one download ---------------------------------------------------------------------
+
 
 def robots_refusal(values: Iterable[str], policy: DownloadPolicy) -> str | None:
     """The X-Robots-Tag value that opts the image out for us, or None.
@@ -229,20 +241,30 @@ def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
         addresses = _public_addresses(current, host, port, policy)
         timeout = _remaining(deadline, current)
         conn: http.client.HTTPConnection = (
-            _PinnedHTTPS(host, port, addresses, timeout, _TLS) if scheme == "https"
-            else _PinnedHTTP(host, port, addresses, timeout))
+            _PinnedHTTPS(host, port, addresses, timeout, _TLS)
+            if scheme == "https"
+            else _PinnedHTTP(host, port, addresses, timeout)
+        )
         try:
-            conn.request("GET", target, headers={
-                "User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5",
-                "Accept-Encoding": "identity", "Connection": "close"})
+            conn.request(
+                "GET",
+                target,
+                headers={
+                    "User-Agent": policy.user_agent,
+                    "Accept": "image/*,*/*;q=0.5",
+                    "Accept-Encoding": "identity",
+                    "Connection": "close",
+                },
+            )
             if conn.sock is not None:
                 conn.sock.settimeout(_remaining(deadline, current))
             response = conn.getresponse()
             if response.status in REDIRECTS:
                 location = response.getheader("Location")
                 if not location:
-                    raise ReadRefused("http_error", f"HTTP {response.status} from {current} without "
-                                      "a Location to follow")
+                    raise ReadRefused(
+                        "http_error", f"HTTP {response.status} from {current} without a Location to follow"
+                    )
                 current = urljoin(current, location.strip())
                 continue
             if not 200 <= response.status < 300:
@@ -250,12 +272,17 @@ def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
                 raise cls("http_error", f"HTTP {response.status} {response.reason} from {current}")
             opt_out = robots_refusal(response.headers.get_all("X-Robots-Tag") or [], policy)
             if opt_out:
-                raise ReadRefused("robots_noai", f"{current} answered X-Robots-Tag: {opt_out}; the site "
-                                  "opts this image out of AI use (dataset.source.robots_directives)")
+                raise ReadRefused(
+                    "robots_noai",
+                    f"{current} answered X-Robots-Tag: {opt_out}; the site "
+                    "opts this image out of AI use (dataset.source.robots_directives)",
+                )
             return _read_capped(response, conn, current, deadline, policy.max_bytes)
         except TimeoutError:
-            raise _Transient("download_timeout", f"{current} did not answer within "
-                             f"dataset.source.timeout_seconds={policy.timeout}") from None
+            raise _Transient(
+                "download_timeout",
+                f"{current} did not answer within dataset.source.timeout_seconds={policy.timeout}",
+            ) from None
         except ssl.SSLError as err:
             raise ReadRefused("tls_error", f"TLS with {host} failed: {err.reason or err}") from None
         except (ConnectionError, http.client.IncompleteRead) as err:
@@ -263,22 +290,33 @@ def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
         except http.client.InvalidURL as err:
             raise ReadRefused("bad_url", f"{printable(current)}: {err}") from None
         except http.client.HTTPException as err:
-            raise ReadRefused("connection_error", f"{current} sent an invalid HTTP response: "
-                              f"{type(err).__name__}") from None
+            raise ReadRefused(
+                "connection_error", f"{current} sent an invalid HTTP response: {type(err).__name__}"
+            ) from None
         except OSError as err:
             raise _Transient("connection_error", f"{current}: {err.strerror or err}") from None
         finally:
             conn.close()
-    raise ReadRefused("too_many_redirects", f"{url} redirects more than "
-                      f"dataset.source.max_redirects={policy.max_redirects} times")
+    raise ReadRefused(
+        "too_many_redirects",
+        f"{url} redirects more than dataset.source.max_redirects={policy.max_redirects} times",
+    )
 
 
-def _read_capped(response: http.client.HTTPResponse, conn: http.client.HTTPConnection, url: str,
-                 deadline: float, max_bytes: int) -> bytes:
+def _read_capped(
+    response: http.client.HTTPResponse,
+    conn: http.client.HTTPConnection,
+    url: str,
+    deadline: float,
+    max_bytes: int,
+) -> bytes:
     declared = response.getheader("Content-Length")
     if declared and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise ReadRefused("too_large", f"{url} is {int(declared)} bytes (Content-Length), above "
-                          f"dataset.source.max_bytes={max_bytes}; it was not downloaded")
+        raise ReadRefused(
+            "too_large",
+            f"{url} is {int(declared)} bytes (Content-Length), above "
+            f"dataset.source.max_bytes={max_bytes}; it was not downloaded",
+        )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -290,8 +328,10 @@ def _read_capped(response: http.client.HTTPResponse, conn: http.client.HTTPConne
         chunks.append(chunk)
         size += len(chunk)
         if size > max_bytes:
-            raise ReadRefused("too_large", f"{url} sent more than dataset.source.max_bytes={max_bytes} "
-                              "bytes; the download was stopped")
+            raise ReadRefused(
+                "too_large",
+                f"{url} sent more than dataset.source.max_bytes={max_bytes} bytes; the download was stopped",
+            )
 
 
 def fetch(url: str, policy: DownloadPolicy) -> bytes:
@@ -310,13 +350,16 @@ def fetch(url: str, policy: DownloadPolicy) -> bytes:
 
 # -- the list -------------------------------------------------------------------------
 
+
 def _list_format(name: str, list_format: str) -> str:
     if list_format != "auto":
         return list_format
     fmt = LIST_SUFFIXES.get(PurePosixPath(name).suffix.lower())
     if fmt is None:
-        raise ValueError(f"cannot tell the format of URL list {name!r} from its suffix; name it "
-                         ".parquet, .csv or .jsonl or set dataset.source.list_format")
+        raise ValueError(
+            f"cannot tell the format of URL list {name!r} from its suffix; name it "
+            ".parquet, .csv or .jsonl or set dataset.source.list_format"
+        )
     return fmt
 
 
@@ -370,8 +413,10 @@ def _parquet_rows(path: Path, label: str, url_column: str) -> Iterator[Row]:
 
     table = pq.ParquetFile(path)
     if url_column not in table.schema_arrow.names:
-        raise ValueError(f"{label} has columns {table.schema_arrow.names} but no {url_column!r}; "
-                         "set dataset.source.url_column")
+        raise ValueError(
+            f"{label} has columns {table.schema_arrow.names} but no {url_column!r}; "
+            "set dataset.source.url_column"
+        )
     n = 0
     for batch in table.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
@@ -394,13 +439,20 @@ def _download(url: str, caption: str, extra: dict[str, Any], policy: DownloadPol
         return SourceRejection(url, err.reason, err.detail)
     except Exception as err:  # noqa: BLE001 - one odd URL must not end a long ingest
         log.warning("unexpected failure downloading %s", url, exc_info=True)
-        return SourceRejection(url, "download_failed", f"{url}: unexpected {type(err).__name__}: {err}; "
-                               "please report it")
+        return SourceRejection(
+            url, "download_failed", f"{url}: unexpected {type(err).__name__}: {err}; please report it"
+        )
 
 
-def read_url_lists(uri: str, policy: DownloadPolicy, *, url_column: str = "url",
-                   caption_column: str = "caption", list_format: str = "auto",
-                   endpoint_url: str | None = None) -> Iterator[Record | Deferred]:
+def read_url_lists(
+    uri: str,
+    policy: DownloadPolicy,
+    *,
+    url_column: str = "url",
+    caption_column: str = "caption",
+    list_format: str = "auto",
+    endpoint_url: str | None = None,
+) -> Iterator[Record | Deferred]:
     """Records of a URL list (or a folder of them): one per row, downloads deferred.
 
     A row's ``source`` is its URL; a row without a usable URL is ``<list>:<row>``.
@@ -417,8 +469,15 @@ def read_url_lists(uri: str, policy: DownloadPolicy, *, url_column: str = "url",
                     yield _url_record(where, row, seen, policy, url_column, caption_column, fmt)
 
 
-def _url_record(where: str, row: dict[str, Any], seen: set[str], policy: DownloadPolicy,
-                url_column: str, caption_column: str, fmt: str) -> Record | Deferred:
+def _url_record(
+    where: str,
+    row: dict[str, Any],
+    seen: set[str],
+    policy: DownloadPolicy,
+    url_column: str,
+    caption_column: str,
+    fmt: str,
+) -> Record | Deferred:
     url = row.get(url_column)
     if not isinstance(url, str) or not url.strip():
         return SourceRejection(where, "bad_url", f"{where} has no {url_column!r} string")
@@ -436,8 +495,11 @@ def _url_record(where: str, row: dict[str, Any], seen: set[str], policy: Downloa
     if not caption.strip():  # not worth a download
         return SourceRejection(url, "empty_caption", f"{url}: caption is empty or whitespace only")
     # Parquet columns have one type each; JSONL/CSV values are carried as text.
-    extra = {k: (v if fmt == "parquet" else carried(v)) for k, v in row.items()
-             if k not in (url_column, caption_column)}
+    extra = {
+        k: (v if fmt == "parquet" else carried(v))
+        for k, v in row.items()
+        if k not in (url_column, caption_column)
+    }
     bad = [k for k, v in extra.items() if isinstance(v, str) and not is_utf8(v)]
     if bad:
         return SourceRejection(url, "bad_metadata_encoding", f"column {bad[0]!r} on {where} is not UTF-8")

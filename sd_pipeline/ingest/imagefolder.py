@@ -37,9 +37,20 @@ from sd_pipeline.ingest.sources import (
 )
 
 __all__ = [
-    "CAPTION_KEYS", "IMAGE_SUFFIXES", "INPUT_SUFFIXES", "METADATA_FILES", "Folder", "LocalFolder",
-    "S3Folder", "SourceItem", "SourceRejection", "imagefolder_records", "open_folder",
-    "read_imagefolder", "relative_name", "sidecar_records",
+    "CAPTION_KEYS",
+    "IMAGE_SUFFIXES",
+    "INPUT_SUFFIXES",
+    "METADATA_FILES",
+    "Folder",
+    "LocalFolder",
+    "S3Folder",
+    "SourceItem",
+    "SourceRejection",
+    "imagefolder_records",
+    "open_folder",
+    "read_imagefolder",
+    "relative_name",
+    "sidecar_records",
 ]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -58,11 +69,15 @@ def relative_name(name: str) -> str:
     """The normalised relative path a metadata ``file_name`` points at, or ReadRefused
     (absolute_path, path_traversal) when it could name something outside the root."""
     if name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
-        raise ReadRefused("absolute_path", f"{printable(name)} is an absolute path; metadata names "
-                          "files relative to the source folder")
+        raise ReadRefused(
+            "absolute_path",
+            f"{printable(name)} is an absolute path; metadata names files relative to the source folder",
+        )
     if ".." in name.replace("\\", "/").split("/"):
-        raise ReadRefused("path_traversal", f"{printable(name)} climbs out with '..'; metadata names "
-                          "files inside the source folder")
+        raise ReadRefused(
+            "path_traversal",
+            f"{printable(name)} climbs out with '..'; metadata names files inside the source folder",
+        )
     rel = posixpath.normpath(name)
     if rel in (".", ""):
         raise ReadRefused("bad_metadata", f"file_name {name!r} names the folder itself, not a file")
@@ -95,15 +110,19 @@ class Folder(ABC):
         return [name for name in METADATA_FILES if self.exists(name)]
 
     def _too_large(self, rel: str, size: int) -> ReadRefused:
-        return ReadRefused("too_large", f"{printable(rel)} is {size} bytes, above "
-                           f"dataset.source.max_bytes={self.max_bytes}; it was not read")
+        return ReadRefused(
+            "too_large",
+            f"{printable(rel)} is {size} bytes, above "
+            f"dataset.source.max_bytes={self.max_bytes}; it was not read",
+        )
 
 
 class LocalFolder(Folder):
     def __init__(self, root: Path, max_bytes: int) -> None:
         if not root.is_dir():
-            raise FileNotFoundError(f"source folder {root} does not exist or is not a folder; "
-                                    "check dataset.source.uri")
+            raise FileNotFoundError(
+                f"source folder {root} does not exist or is not a folder; check dataset.source.uri"
+            )
         self.root = root
         self.real_root = os.path.realpath(root)
         self.uri = f"file://{root}"
@@ -122,14 +141,20 @@ class LocalFolder(Folder):
             if is_utf8(rel):
                 yield rel
             else:
-                yield SourceRejection(printable(os.fsencode(rel).decode("utf-8", "backslashreplace")),
-                                      "bad_path_encoding", "the file name is not UTF-8; rename it")
+                yield SourceRejection(
+                    printable(os.fsencode(rel).decode("utf-8", "backslashreplace")),
+                    "bad_path_encoding",
+                    "the file name is not UTF-8; rename it",
+                )
 
     def _real(self, rel: str) -> str:
         real = os.path.realpath(os.path.join(self.root, rel))
         if real != self.real_root and not real.startswith(self.real_root + os.sep):
-            raise ReadRefused("symlink_escape", f"{printable(rel)} is or passes a symlink leading "
-                              f"outside the source folder {self.root}; it was not read")
+            raise ReadRefused(
+                "symlink_escape",
+                f"{printable(rel)} is or passes a symlink leading "
+                f"outside the source folder {self.root}; it was not read",
+            )
         return real
 
     def exists(self, rel: str) -> bool:
@@ -231,6 +256,7 @@ def _refusal(source: str, err: ReadRefused) -> SourceRejection:
 
 # -- imagefolder ----------------------------------------------------------------------
 
+
 def _metadata_rows(folder: Folder, name: str) -> Iterator[Row]:
     if name.endswith(".csv"):
         return csv_rows(folder.lines(name), name, required="file_name")
@@ -262,8 +288,9 @@ def imagefolder_records(folder: Folder) -> Iterator[Record | Deferred]:
             "name.txt captions beside the images"
         )
     if len(names) > 1:
-        raise ValueError(f"{folder.uri} has both {' and '.join(names)}; keep one so each image has "
-                         "exactly one caption")
+        raise ValueError(
+            f"{folder.uri} has both {' and '.join(names)}; keep one so each image has exactly one caption"
+        )
     meta = names[0]
     listed: set[str] = set()
     for where, row, problem in _metadata_rows(folder, meta):
@@ -283,8 +310,9 @@ def _listed_record(folder: Folder, where: str, row: dict[str, Any], listed: set[
     if not isinstance(name, str) or not name:
         return SourceRejection(where, "bad_metadata", f"{where} has no file_name string")
     if not is_utf8(name):
-        return SourceRejection(where, "bad_metadata_encoding", f"{where}: file_name "
-                               f"{printable(name)} is not UTF-8")
+        return SourceRejection(
+            where, "bad_metadata_encoding", f"{where}: file_name {printable(name)} is not UTF-8"
+        )
     try:
         rel = relative_name(name)
     except ReadRefused as err:
@@ -296,17 +324,24 @@ def _listed_record(folder: Folder, where: str, row: dict[str, Any], listed: set[
     if not isinstance(caption, str):
         return SourceRejection(name, "missing_caption", f"{name} has no text/caption string on {where}")
     if not is_utf8(caption):
-        return SourceRejection(name, "bad_caption_encoding", f"the caption of {name} on {where} is not "
-                               "UTF-8; re-save the metadata as UTF-8")
+        return SourceRejection(
+            name,
+            "bad_caption_encoding",
+            f"the caption of {name} on {where} is not UTF-8; re-save the metadata as UTF-8",
+        )
     extra = {k: carried(v) for k, v in row.items() if k not in ("file_name", *CAPTION_KEYS)}
     bad = [k for k, v in extra.items() if not is_utf8(k) or (isinstance(v, str) and not is_utf8(v))]
     if bad:
-        return SourceRejection(name, "bad_metadata_encoding", f"column {printable(bad[0])!r} of {name} "
-                               f"on {where} is not UTF-8; re-save the metadata as UTF-8")
+        return SourceRejection(
+            name,
+            "bad_metadata_encoding",
+            f"column {printable(bad[0])!r} of {name} on {where} is not UTF-8; re-save the metadata as UTF-8",
+        )
     return partial(_read_listed, folder, rel, name, caption, extra)
 
 
 # -- sidecar captions (kohya) ---------------------------------------------------------
+
 
 def _read_captioned(folder: Folder, rel: str, caption_rel: str) -> Record:
     try:
@@ -316,8 +351,9 @@ def _read_captioned(folder: Folder, rel: str, caption_rel: str) -> Record:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        return SourceRejection(rel, "bad_caption_encoding", f"{caption_rel} is not UTF-8 (byte "
-                               f"{err.start}); re-save it as UTF-8")
+        return SourceRejection(
+            rel, "bad_caption_encoding", f"{caption_rel} is not UTF-8 (byte {err.start}); re-save it as UTF-8"
+        )
     # kohya's sd-scripts read the first line of a caption file; so do we (docs/ingest.md).
     caption = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0] if text.strip() else text
     try:
@@ -345,8 +381,12 @@ def sidecar_records(folder: Folder, *, caption_extension: str = ".txt") -> Itera
         if caption_rel in captions:
             yield partial(_read_captioned, folder, rel, caption_rel)
         else:
-            yield SourceRejection(rel, "missing_caption",
-                                  f"{rel} has no caption file {caption_rel} beside it")
+            yield SourceRejection(
+                rel, "missing_caption", f"{rel} has no caption file {caption_rel} beside it"
+            )
     for caption_rel in sorted(captions - used):
-        yield SourceRejection(caption_rel, "orphan_caption", f"{caption_rel} has no image beside it "
-                              f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        yield SourceRejection(
+            caption_rel,
+            "orphan_caption",
+            f"{caption_rel} has no image beside it (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
+        )

@@ -81,8 +81,9 @@ def process_image(
             "too_many_pixels",
             f"{name} is {w}x{h} = {w * h} pixels, above dataset.max_pixels={max_pixels}",
         )
-    if getattr(img, "n_frames", 1) > 1:
-        return Rejection("animated", f"{name} has {img.n_frames} frames; only still images are used")
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        return Rejection("animated", f"{name} has {frames} frames; only still images are used")
     if min(w, h) < min_side:
         return Rejection("too_small", f"{name} is {w}x{h}, below dataset.min_side={min_side}")
     if max(w, h) / min(w, h) > max_aspect_ratio:
@@ -103,17 +104,17 @@ def process_image(
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        upright: Image.Image = ImageOps.exif_transpose(img)
     except Exception as err:  # noqa: BLE001
         return Rejection("undecodable", f"{name}: truncated or corrupt ({type(err).__name__}: {err})")
-    img = _to_rgb(img)
-    cw, ch = img.size
+    rgb = _to_rgb(upright)
+    cw, ch = rgb.size
     side = min(cw, ch)
     box = ((cw - side) / 2, (ch - side) / 2, (cw + side) / 2, (ch + side) / 2)
-    img = img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    square = rgb.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     out = io.BytesIO()
-    img.save(out, format="JPEG", quality=95)  # re-encoded from pixels: no EXIF/XMP survives
-    return ProcessedImage(out.getvalue(), resolution, resolution, orig_w, orig_h, fmt, dhash(img))
+    square.save(out, format="JPEG", quality=95)  # re-encoded from pixels: no EXIF/XMP survives
+    return ProcessedImage(out.getvalue(), resolution, resolution, orig_w, orig_h, fmt, dhash(square))
 
 
 def _to_rgb(img):  # type: ignore[no-untyped-def]

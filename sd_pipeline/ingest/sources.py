@@ -70,8 +70,9 @@ def resolve_in_order(records: Iterable[Record | Deferred], workers: int) -> Iter
     with ThreadPoolExecutor(workers, thread_name_prefix="sd-source") as pool:
         try:
             for record in records:
-                window.append(record if isinstance(record, SourceItem | SourceRejection)
-                              else pool.submit(record))
+                window.append(
+                    record if isinstance(record, SourceItem | SourceRejection) else pool.submit(record)
+                )
                 while len(window) > 4 * workers:
                     yield _result(window.popleft())
             while window:
@@ -112,9 +113,13 @@ def iter_source(source: SourceConfig, *, endpoint_url: str | None = None) -> Ite
         from sd_pipeline.ingest.download import DownloadPolicy, read_url_lists
 
         records: Iterable[Record | Deferred] = read_url_lists(
-            source.uri, DownloadPolicy.from_config(source), url_column=source.url_column,
-            caption_column=source.caption_column, list_format=source.list_format,
-            endpoint_url=endpoint)
+            source.uri,
+            DownloadPolicy.from_config(source),
+            url_column=source.url_column,
+            caption_column=source.caption_column,
+            list_format=source.list_format,
+            endpoint_url=endpoint,
+        )
         return _logged(resolve_in_order(records, source.read_workers), kind, source.uri)
 
     from sd_pipeline.ingest.imagefolder import imagefolder_records, open_folder, sidecar_records
@@ -124,8 +129,9 @@ def iter_source(source: SourceConfig, *, endpoint_url: str | None = None) -> Ite
         records = imagefolder_records(folder)
     else:
         records = sidecar_records(folder, caption_extension=source.caption_extension)
-    return _logged(resolve_in_order(records, min(source.read_workers, folder.max_concurrency)),
-                   kind, source.uri)
+    return _logged(
+        resolve_in_order(records, min(source.read_workers, folder.max_concurrency)), kind, source.uri
+    )
 
 
 def _logged(records: Iterator[Record], kind: str, uri: str) -> Iterator[Record]:
@@ -141,12 +147,21 @@ def _logged(records: Iterator[Record], kind: str, uri: str) -> Iterator[Record]:
         yield record
     seconds = time.perf_counter() - started
     total = items + sum(reasons.values())
-    log.info("read %s source %s: %d inputs, %d read, %d refused %s in %.1fs (%.0f inputs/s)",
-             kind, uri, total, items, sum(reasons.values()), dict(sorted(reasons.items())),
-             seconds, total / max(seconds, 1e-9))
+    log.info(
+        "read %s source %s: %d inputs, %d read, %d refused %s in %.1fs (%.0f inputs/s)",
+        kind,
+        uri,
+        total,
+        items,
+        sum(reasons.values()),
+        dict(sorted(reasons.items())),
+        seconds,
+        total / max(seconds, 1e-9),
+    )
 
 
 # -- tabular metadata: metadata.jsonl / metadata.csv and URL lists share these rules ------
+
 
 def printable(text: str) -> str:
     """``text`` safe to store: bytes that were not UTF-8 shown as ``\\xNN`` escapes."""
@@ -187,12 +202,26 @@ def jsonl_rows(lines: Iterable[bytes], label: str) -> Iterator[Row]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as err:
-            yield where, None, SourceRejection(where, "bad_metadata", f"line {lineno} of {label} is not "
-                                               f"JSON ({err.msg} at column {err.colno})")
+            yield (
+                where,
+                None,
+                SourceRejection(
+                    where,
+                    "bad_metadata",
+                    f"line {lineno} of {label} is not JSON ({err.msg} at column {err.colno})",
+                ),
+            )
             continue
         if not isinstance(row, dict):
-            yield where, None, SourceRejection(where, "bad_metadata", f"line {lineno} of {label} is "
-                                               f"a JSON {type(row).__name__}, not an object")
+            yield (
+                where,
+                None,
+                SourceRejection(
+                    where,
+                    "bad_metadata",
+                    f"line {lineno} of {label} is a JSON {type(row).__name__}, not an object",
+                ),
+            )
             continue
         yield where, row, None
 
@@ -231,7 +260,14 @@ def csv_rows(lines: Iterable[bytes], label: str, required: str) -> Iterator[Row]
         if not any(f.strip() for f in fields):
             continue
         if len(fields) != len(header):
-            yield where, None, SourceRejection(where, "bad_metadata", f"{where} has {len(fields)} "
-                                               f"fields but the header has {len(header)}")
+            yield (
+                where,
+                None,
+                SourceRejection(
+                    where,
+                    "bad_metadata",
+                    f"{where} has {len(fields)} fields but the header has {len(header)}",
+                ),
+            )
             continue
         yield where, dict(zip(header, fields, strict=True)), None

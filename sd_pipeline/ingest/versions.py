@@ -36,9 +36,7 @@ def resolve_version(store: Store, dataset: str, version: str = "latest") -> str:
             )
         version = pointed
     if not store.is_committed(version_prefix(dataset, version)):
-        raise StoreError(
-            f"dataset version {dataset}/{version} is not committed in {store.root_uri}"
-        )
+        raise StoreError(f"dataset version {dataset}/{version} is not committed in {store.root_uri}")
     return version
 
 
@@ -51,9 +49,7 @@ def read_manifest(store: Store, dataset: str, version: str) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def iter_samples(
-    store: Store, dataset: str, version: str, split: str | None = None
-) -> Iterator[ShardSample]:
+def iter_samples(store: Store, dataset: str, version: str, split: str | None = None) -> Iterator[ShardSample]:
     """Stream a version's samples shard by shard; ``split`` is ``train``, ``holdout`` or None."""
     prefix = f"{version_prefix(dataset, version)}/shards/"
     for key in store.list(prefix):

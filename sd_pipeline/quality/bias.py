@@ -33,6 +33,9 @@ def compare(current: dict[str, dict[str, Any]], previous: dict[str, dict[str, An
     out: dict[str, Any] = {}
     for group, figures in current.items():
         before = (previous or {}).get(group)
-        out[group] = {**figures, "previous_share": before["share"] if before else None,
-                      "share_change_pp": 100 * (figures["share"] - before["share"]) if before else None}
+        out[group] = {
+            **figures,
+            "previous_share": before["share"] if before else None,
+            "share_change_pp": 100 * (figures["share"] - before["share"]) if before else None,
+        }
     return out

@@ -28,8 +28,12 @@ def _histogram(values: pd.Series, edges: list[float], unit: str = "") -> list[st
 
 
 def _size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                        (1_000_000, "100K<n<1M")):
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
         if n < limit:
             return name
     return "n>1M"
@@ -46,8 +50,11 @@ def render_datacard(
     privacy: dict[str, Any],
     safety: dict[str, Any],
 ) -> str:
-    licences = (manifest["meta_license"].fillna("unknown").value_counts().to_dict()
-                if "meta_license" in manifest.columns else {})
+    licences = (
+        manifest["meta_license"].fillna("unknown").value_counts().to_dict()
+        if "meta_license" in manifest.columns
+        else {}
+    )
     lines = [
         "---",
         f"pretty_name: {dataset} {version}",
@@ -71,14 +78,18 @@ def render_datacard(
         f"- Validation result (GX JSON): {verdict.get('validation_uri')}",
     ]
     for failure in verdict.get("failure_details", []):
-        lines.append(f"- Failed `{failure['expectation']}`"
-                     + (f" on `{failure['column']}`" if failure.get("column") else "")
-                     + f": observed {failure.get('observed')}")
+        lines.append(
+            f"- Failed `{failure['expectation']}`"
+            + (f" on `{failure['column']}`" if failure.get("column") else "")
+            + f": observed {failure.get('observed')}"
+        )
     for note in verdict.get("notes", []):
         lines.append(f"- Note: {note}")
     overrides = verdict.get("overrides") or {}
-    lines.append("- Thresholds changed from the defaults: "
-                 + (", ".join(f"`{k}={v}`" for k, v in sorted(overrides.items())) if overrides else "none"))
+    lines.append(
+        "- Thresholds changed from the defaults: "
+        + (", ".join(f"`{k}={v}`" for k, v in sorted(overrides.items())) if overrides else "none")
+    )
     reasons = ingest.get("quarantine_reasons", {})
     lines += [
         "",
@@ -127,9 +138,10 @@ def render_datacard(
             f"| words | {words.min()} | {words.median():g} | {words.mean():.1f} | {words.max()} |",
         ]
     lines += ["", "## Licences", ""]
-    lines += ([f"- `{k}`: {v}" for k, v in sorted(licences.items())]
-              or ["No licence column in the source metadata: the licence of these images is unknown; "
-                  "check it before training a model you will distribute."])
+    lines += [f"- `{k}`: {v}" for k, v in sorted(licences.items())] or [
+        "No licence column in the source metadata: the licence of these images is unknown; "
+        "check it before training a model you will distribute."
+    ]
     flagged = int(manifest["unsafe"].sum()) if "unsafe" in manifest.columns else 0
     lines += [
         "",
@@ -142,8 +154,10 @@ def render_datacard(
         f"{reasons.get('unsafe_image', 0)} by image; kept but flagged: {flagged}",
     ]
     if safety.get("classifier") and "safety-tiny" in str(safety.get("classifier")):
-        lines.append("- The embedded demo's classifier is a tiny random-init model: it exercises the "
-                     "scoring path, its scores mean nothing. Configure a real NSFW detector in production.")
+        lines.append(
+            "- The embedded demo's classifier is a tiny random-init model: it exercises the "
+            "scoring path, its scores mean nothing. Configure a real NSFW detector in production."
+        )
     lines += [
         "",
         "## Privacy",

@@ -32,8 +32,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("sd_pipeline.quality")
 
 MAX_EXAMPLES = 5
-DATASET_FIGURES = ("near_duplicate_rate", "unsafe_rate", "caption_length_drift",
-                   "image_side_drift", "privacy_leaks")
+DATASET_FIGURES = (
+    "near_duplicate_rate",
+    "unsafe_rate",
+    "caption_length_drift",
+    "image_side_drift",
+    "privacy_leaks",
+)
 # kwargs that say which data was checked rather than what was expected of it.
 _NOT_EXPECTED = {"batch_id", "column", "result_format"}
 

@@ -36,7 +36,8 @@ def check_shards(store: Store, dataset: str, version: str, sample: int) -> dict[
     if sample <= 0 or not shards:
         return {"sampled": 0, "leaks": 0, "examples": []}
     per_shard = max(1, -(-sample // len(shards)))
-    sampled, leaks, examples = 0, 0, []
+    sampled, leaks = 0, 0
+    examples: list[dict[str, Any]] = []
     for key in shards:
         samples = list(read_shard(store.get_bytes(key)))
         step = max(1, len(samples) // per_shard)

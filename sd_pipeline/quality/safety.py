@@ -80,16 +80,29 @@ def build_tiny_safety_classifier(out_dir: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, id2label={0: "safe", 1: "nsfw"},
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label={0: "safe", 1: "nsfw"},
         label2id={"safe": 0, "nsfw": 1},
     )
     model = ViTForImageClassification(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out_dir)
-    marker.write_text(json.dumps({"what": "tiny random-init safety classifier for the embedded "
-                                  "demo; its scores carry no meaning", "seed": seed}))
+    marker.write_text(
+        json.dumps(
+            {
+                "what": "tiny random-init safety classifier for the embedded "
+                "demo; its scores carry no meaning",
+                "seed": seed,
+            }
+        )
+    )
     return out_dir
 
 

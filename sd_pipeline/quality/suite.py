@@ -133,22 +133,30 @@ def build_suite(cfg: QualityConfig, frame: pd.DataFrame | None = None) -> gx.Exp
     if frame is None:
         return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
     if "aspect_ratio" in columns:
-        expectations.append(e.ExpectColumnValuesToBeBetween(
-            column="aspect_ratio", min_value=1.0, max_value=cfg.max_aspect_ratio))
-    expectations.append(e.ExpectColumnMaxToBeBetween(
-        column="near_duplicate_rate", min_value=0.0, max_value=cfg.max_near_duplicate_rate))
-    expectations.append(e.ExpectColumnMaxToBeBetween(
-        column="unsafe_rate", min_value=0.0, max_value=cfg.max_unsafe_rate))
+        expectations.append(
+            e.ExpectColumnValuesToBeBetween(
+                column="aspect_ratio", min_value=1.0, max_value=cfg.max_aspect_ratio
+            )
+        )
+    expectations.append(
+        e.ExpectColumnMaxToBeBetween(
+            column="near_duplicate_rate", min_value=0.0, max_value=cfg.max_near_duplicate_rate
+        )
+    )
+    expectations.append(
+        e.ExpectColumnMaxToBeBetween(column="unsafe_rate", min_value=0.0, max_value=cfg.max_unsafe_rate)
+    )
     if cfg.allowed_licenses is not None and LICENSE_COLUMN in columns:
-        expectations.append(e.ExpectColumnValuesToBeInSet(
-            column=LICENSE_COLUMN, value_set=sorted(cfg.allowed_licenses)))
+        expectations.append(
+            e.ExpectColumnValuesToBeInSet(column=LICENSE_COLUMN, value_set=sorted(cfg.allowed_licenses))
+        )
     for name in ("caption_length_drift", "image_side_drift"):
         if name in columns:
-            expectations.append(e.ExpectColumnMaxToBeBetween(
-                column=name, min_value=0.0, max_value=cfg.max_drift))
+            expectations.append(
+                e.ExpectColumnMaxToBeBetween(column=name, min_value=0.0, max_value=cfg.max_drift)
+            )
     if "privacy_leaks" in columns:
-        expectations.append(e.ExpectColumnMaxToBeBetween(
-            column="privacy_leaks", min_value=0, max_value=0))
+        expectations.append(e.ExpectColumnMaxToBeBetween(column="privacy_leaks", min_value=0, max_value=0))
     return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
 
 

@@ -63,10 +63,13 @@ def gate_version(config: PipelineConfig, store: Store, version: str) -> tuple[di
     bias = compare(term_group_counts(captions, q.bias_terms), previous_bias)
     store.put_json(f"{prefix}/quality/bias.json", {"groups": bias, "previous_version": previous_id})
     verdict = {
-        "dataset": ds.name, "version": version, "passed": result.passed,
+        "dataset": ds.name,
+        "version": version,
+        "passed": result.passed,
         "failures": [f["expectation"] for f in result.failures],
-        "failure_details": [{k: f.get(k) for k in ("expectation", "column", "observed")}
-                            for f in result.failures],
+        "failure_details": [
+            {k: f.get(k) for k in ("expectation", "column", "observed")} for f in result.failures
+        ],
         "notes": result.statistics.get("notes", []),
         "statistics": {k: v for k, v in result.statistics.items() if k != "notes"},
         "thresholds": q.model_dump(mode="json"),
@@ -77,9 +80,16 @@ def gate_version(config: PipelineConfig, store: Store, version: str) -> tuple[di
     }
     store.put_json(f"{prefix}/quality/verdict.json", verdict)
     ingest_summary = store.get_json(f"{prefix}/ingest.json")
-    card = render_datacard(dataset=ds.name, version=version, ingest=ingest_summary, manifest=manifest,
-                           verdict=verdict, bias=bias, privacy=privacy,
-                           safety=config.safety.model_dump(mode="json"))
+    card = render_datacard(
+        dataset=ds.name,
+        version=version,
+        ingest=ingest_summary,
+        manifest=manifest,
+        verdict=verdict,
+        bias=bias,
+        privacy=privacy,
+        safety=config.safety.model_dump(mode="json"),
+    )
     store.put_bytes(f"{prefix}/DATACARD.md", card.encode())
     verdict["datacard_uri"] = store.uri(f"{prefix}/DATACARD.md")
     store.put_json(f"{prefix}/quality/verdict.json", verdict)
