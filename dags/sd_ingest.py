@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Asset, task
+from airflow.sdk import DAG, task
 
 from sd_pipeline.airflow import tasks
 from sd_pipeline.airflow.settings import (
     DEFAULT_ARGS,
-    dataset_asset_name,
-    dataset_asset_uri,
+    dataset_asset,
     pipeline_config,
 )
 
 config = pipeline_config()
-dataset = Asset(name=dataset_asset_name(config), uri=dataset_asset_uri(config))
+dataset = dataset_asset(config)
 
 with DAG(
     dag_id="sd_ingest",

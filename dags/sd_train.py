@@ -8,19 +8,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.hitl import HITLOperator
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Param, task
 
 from sd_pipeline.airflow import tasks
 from sd_pipeline.airflow.params import train_params
 from sd_pipeline.airflow.settings import (
     DEFAULT_ARGS,
-    dataset_asset_name,
-    dataset_asset_uri,
+    dataset_asset,
     pipeline_config,
 )
 
 config = pipeline_config()
-dataset = Asset(name=dataset_asset_name(config), uri=dataset_asset_uri(config))
+dataset = dataset_asset(config)
 
 with DAG(
     dag_id="sd_train",

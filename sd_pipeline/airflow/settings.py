@@ -38,6 +38,13 @@ def dataset_asset_name(config: PipelineConfig) -> str:
     return f"sd_dataset_{config.dataset.name}"
 
 
+def dataset_asset(config: PipelineConfig) -> Any:
+    """The Asset that ``sd_ingest`` updates when a version passes its gate."""
+    from airflow.sdk import Asset
+
+    return Asset(name=dataset_asset_name(config), uri=dataset_asset_uri(config))
+
+
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "ml-platform",
     "retries": 0,
