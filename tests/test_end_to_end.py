@@ -136,3 +136,65 @@ def test_tasks_link_to_their_reports_and_models(demo_home: tuple[Path, str]) -> 
     assert links["sample_grid"].endswith("/eval/grid.png")
     assert "/#/experiments/" in links["mlflow_run"] and "/runs/" in links["mlflow_run"]
     assert links["model_version"].endswith("/#/models/sd-demo-shapes/versions/1")
+
+
+def test_the_api_server_shows_the_links_and_serves_the_reports(demo_home: tuple[Path, str]) -> None:
+    """The real Airflow API server, with our plugin: extra links resolve, reports open."""
+    import time
+    import urllib.request
+    from urllib.parse import quote
+
+    from conftest import free_port
+
+    home, _ = demo_home
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "SD_PIPELINE_HOME": str(home),
+        "SD_PIPELINE_CONFIG": str(home / "pipeline.json"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+    }
+    airflow = Path(sys.executable).with_name("airflow")
+    log = (home / "api-server.log").open("w")
+    server = subprocess.Popen(
+        [str(airflow), "api-server", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str, token: str | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            base + path, headers={"Authorization": f"Bearer {token}"} if token else {}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if get("/api/v2/monitor/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        token = json.loads(get("/auth/token")[1])["access_token"]
+        runs = json.loads(get("/api/v2/dags/sd_ingest/dagRuns?order_by=-start_date", token)[1])
+        run_id = quote(runs["dag_runs"][0]["dag_run_id"], safe="")
+        status, body = get(f"/api/v2/dags/sd_ingest/dagRuns/{run_id}/taskInstances/quality_gate/links", token)
+        links = json.loads(body)["extra_links"]
+        assert status == 200 and links["Quality report"].startswith("/sd-pipeline/store/")
+        status, page = get(links["Quality report"])
+        assert status == 200 and b"expect" in page.lower()
+        assert get(links["Data card"])[0] == 200
+        assert get(links["Quality report"].replace("quality/index.html", "manifest.parquet"))[0] == 404
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
