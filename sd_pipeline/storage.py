@@ -95,6 +95,11 @@ class Store(ABC):
             self.get_file(key, Path(local_dir) / key[len(prefix) :])
         return Path(local_dir)
 
+    def move(self, src: str, dst: str) -> None:
+        """Move one object (a rename locally, copy-then-delete on S3)."""
+        self.put_bytes(dst, self.get_bytes(src))
+        self.delete_prefix(src)
+
     # -- publish protocol -------------------------------------------------------
 
     def is_committed(self, prefix: str) -> bool:
@@ -150,6 +155,11 @@ class LocalStore(Store):
         tmp = dest.with_name(f".{dest.name}.part")
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
+
+    def move(self, src: str, dst: str) -> None:
+        target = self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(src), target)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -210,6 +220,12 @@ class S3Store(Store):
 
     def put_file(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key))
+
+    def move(self, src: str, dst: str) -> None:
+        self.client.copy_object(
+            Bucket=self.bucket, Key=self._key(dst), CopySource={"Bucket": self.bucket, "Key": self._key(src)}
+        )
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(src))
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError

@@ -24,8 +24,9 @@ from typing import Any
 from sd_pipeline.config import PipelineConfig
 from sd_pipeline.ingest.dedup import NearDuplicateIndex
 from sd_pipeline.ingest.images import ProcessedImage, Rejection, process_image
-from sd_pipeline.ingest.shards import ShardSample, write_shard
+from sd_pipeline.ingest.shards import ShardSample
 from sd_pipeline.ingest.sources import SourceItem, SourceRejection, iter_source
+from sd_pipeline.ingest.staging import ShardSink, clear_stale_staging
 from sd_pipeline.ingest.versions import version_prefix
 from sd_pipeline.quality.safety import blocklisted_term
 from sd_pipeline.storage import Store
@@ -101,51 +102,57 @@ def _split_of(key: str, holdout_fraction: float) -> str:
     return "holdout" if int(key[:8], 16) / 0xFFFFFFFF < holdout_fraction else "train"
 
 
-def _apply_safety(
-    config: PipelineConfig,
-    accepted: list[dict[str, Any]],
-    images: dict[str, bytes],
-    quarantine: list[dict[str, str]],
-    flagged_captions: dict[str, str],
-) -> None:
-    """Score accepted images with the configured classifier; quarantine or flag the unsafe.
+class _SafetyScorer:
+    """Scores each batch of accepted images with the configured classifier (loaded once)."""
 
-    Every accepted row gets ``unsafe_score`` (NaN without a classifier) and ``unsafe``
-    (flagged by the classifier or, with action ``flag``, by the caption blocklist).
-    """
-    safety = config.safety
-    scores: list[float] = [float("nan")] * len(accepted)
-    if safety.classifier and accepted:
-        from sd_pipeline.home import EmbeddedHome
-        from sd_pipeline.models.base import resolve_base_model
-        from sd_pipeline.quality.safety import ImageSafetyClassifier
+    def __init__(self, config: PipelineConfig) -> None:
+        self.safety = config.safety
+        self.endpoint_url = config.storage.endpoint_url
+        self._classifier: Any = None
 
-        path = resolve_base_model(
-            safety.classifier,
-            EmbeddedHome.from_env().work_dir / "classifiers",
-            endpoint_url=config.storage.endpoint_url,
-            required_file="config.json",
-        )
-        classifier = ImageSafetyClassifier(path, safety.unsafe_labels)
-        scores = classifier.score([images[row["key"]] for row in accepted])
-    kept = []
-    for row, score in zip(accepted, scores, strict=True):
-        unsafe_image = score == score and score >= safety.threshold  # NaN never is
-        if unsafe_image and safety.action == "quarantine":
-            quarantine.append(
-                {
-                    "source": row["source"],
-                    "reason": "unsafe_image",
-                    "detail": f"{row['source']}: unsafe score {score:.3f} >= "
-                    f"safety.threshold={safety.threshold}",
-                }
+    def _scores(self, jpegs: list[bytes]) -> list[float]:
+        if not self.safety.classifier or not jpegs:
+            return [float("nan")] * len(jpegs)
+        if self._classifier is None:
+            from sd_pipeline.home import EmbeddedHome
+            from sd_pipeline.models.base import resolve_base_model
+            from sd_pipeline.quality.safety import ImageSafetyClassifier
+
+            path = resolve_base_model(
+                self.safety.classifier,
+                EmbeddedHome.from_env().work_dir / "classifiers",
+                endpoint_url=self.endpoint_url,
+                required_file="config.json",
             )
-            del images[row["key"]]
-            continue
-        row["unsafe_score"] = score
-        row["unsafe"] = bool(unsafe_image or row["source"] in flagged_captions)
-        kept.append(row)
-    accepted[:] = kept
+            self._classifier = ImageSafetyClassifier(path, self.safety.unsafe_labels)
+        scores: list[float] = self._classifier.score(jpegs)
+        return scores
+
+    def apply(
+        self,
+        rows: list[tuple[dict[str, Any], bytes]],
+        quarantine: list[dict[str, str]],
+        flagged_captions: dict[str, str],
+    ) -> list[tuple[dict[str, Any], bytes]]:
+        """Quarantine or flag the unsafe rows of a batch; every kept row gets ``unsafe_score``
+        (NaN without a classifier) and ``unsafe`` (classifier, or blocklist with action flag)."""
+        kept = []
+        for (row, jpeg), score in zip(rows, self._scores([j for _, j in rows]), strict=True):
+            unsafe_image = score == score and score >= self.safety.threshold  # NaN never is
+            if unsafe_image and self.safety.action == "quarantine":
+                quarantine.append(
+                    {
+                        "source": row["source"],
+                        "reason": "unsafe_image",
+                        "detail": f"{row['source']}: unsafe score {score:.3f} >= "
+                        f"safety.threshold={self.safety.threshold}",
+                    }
+                )
+                continue
+            row["unsafe_score"] = score
+            row["unsafe"] = bool(unsafe_image or row["source"] in flagged_captions)
+            kept.append((row, jpeg))
+        return kept
 
 
 def ingest(config: PipelineConfig) -> dict[str, Any]:
@@ -158,7 +165,6 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     store = Store.from_uri(config.storage.root, config.storage.endpoint_url)
     started = time.perf_counter()
     accepted: list[dict[str, Any]] = []
-    images: dict[str, bytes] = {}
     quarantine: list[dict[str, str]] = []
     seen: dict[str, str] = {}
     n_inputs = 0
@@ -173,6 +179,9 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     safety = config.safety
     flagged_captions: dict[str, str] = {}
     dedup = NearDuplicateIndex(ds.near_duplicate_distance) if ds.near_duplicate_distance >= 0 else None
+    scorer = _SafetyScorer(config)
+    clear_stale_staging(store, ds.name)
+    sink = ShardSink(store, ds.name, ds.shard_size)
 
     def flush(lazy: _LazyPool) -> None:
         pool = lazy.get(full_batch=len(pending) >= BATCH)
@@ -183,6 +192,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
             if pool
             else map(_process_named, datas, names, [check] * len(datas))
         )
+        batch: list[tuple[dict[str, Any], bytes]] = []
         for (item, caption, digest), result in zip(pending, results, strict=True):
             if isinstance(result, Rejection):
                 quarantine.append({"source": item.source, "reason": result.reason, "detail": result.detail})
@@ -202,23 +212,29 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                     continue
                 dedup.add(result.dhash, item.source)
             key = digest[:20]
-            images[key] = result.jpeg
-            accepted.append(
-                {
-                    "key": key,
-                    "split": _split_of(key, ds.holdout_fraction),
-                    "source": item.source,
-                    "caption": caption,
-                    "sha256": digest,
-                    "width": result.width,
-                    "height": result.height,
-                    "orig_width": result.orig_width,
-                    "orig_height": result.orig_height,
-                    "format": result.format,
-                    "dhash": f"{result.dhash:048x}",
-                    **{f"meta_{k}": v for k, v in item.extra.items()},
-                }
+            batch.append(
+                (
+                    {
+                        "key": key,
+                        "split": _split_of(key, ds.holdout_fraction),
+                        "source": item.source,
+                        "caption": caption,
+                        "sha256": digest,
+                        "width": result.width,
+                        "height": result.height,
+                        "orig_width": result.orig_width,
+                        "orig_height": result.orig_height,
+                        "format": result.format,
+                        "dhash": f"{result.dhash:048x}",
+                        **{f"meta_{k}": v for k, v in item.extra.items()},
+                    },
+                    result.jpeg,
+                )
             )
+        for row, jpeg in scorer.apply(batch, quarantine, flagged_captions):
+            meta = {"split": row["split"], "source": row["source"], "sha256": row["sha256"]}
+            row["shard"] = sink.add(ShardSample(row["key"], jpeg, row["caption"], meta))
+            accepted.append(row)
         pending.clear()
 
     workers = ds.workers or os.cpu_count() or 1
@@ -267,10 +283,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                 flush(pool)
         flush(pool)
 
-    _apply_safety(config, accepted, images, quarantine, flagged_captions)
-    accepted.sort(key=lambda r: r["key"])
-    for i, row in enumerate(accepted):
-        row["shard"] = f"shard-{i // ds.shard_size:06d}.tar"
+    sink.close()
     quarantine.sort(key=lambda r: (r["source"], r["reason"]))
     if len(accepted) + len(quarantine) != n_inputs:  # the contract: nothing lost silently
         raise AssertionError(
@@ -313,17 +326,11 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
         "processing": processing,
     }
     if store.is_committed(prefix):
+        sink.discard()
         log.info("dataset %s version %s already committed; nothing to write", ds.name, version)
         return {**summary, "created": False}
 
-    for shard, rows in manifest.groupby("shard", sort=True):
-        samples = [
-            ShardSample(
-                r.key, images[r.key], r.caption, {"split": r.split, "source": r.source, "sha256": r.sha256}
-            )
-            for r in rows.itertuples()
-        ]
-        store.put_bytes(f"{prefix}/shards/{shard}", write_shard(samples))
+    sink.publish(prefix)
     for name, frame in (("manifest", manifest), ("quarantine", quarantined)):
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf)
