@@ -40,15 +40,32 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _emit(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """JSON on stdout (one object) unless a person is reading a terminal without --json."""
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if getattr(args, "result_file", None):
         Path(args.result_file).write_text(text)
-    print(text)
+    if getattr(args, "json", False) or not sys.stdout.isatty():
+        print(text)
+        return
+    for key, value in sorted(result.items()):
+        shown = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
+        print(f"{key:>20}  {shown}")
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    """``sd-pipeline ingest [SOURCE] [--dataset NAME] [--store URI]``: flags override the config."""
     from sd_pipeline import stages
 
+    for flag, field in (
+        ("source", "dataset.source.uri"),
+        ("dataset", "dataset.name"),
+        ("store", "storage.root"),
+    ):
+        value = getattr(args, flag)
+        if value:
+            if flag in ("source", "store") and "://" not in value:
+                value = f"file://{Path(value).resolve()}"
+            args.set.append(f"{field}={value}")
     return stages.ingest(_config(args))
 
 
@@ -151,12 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="override one config field (repeatable)",
         )
         p.add_argument("--result-file", help="also write the JSON result here")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
         if run_id:
             p.add_argument("--run-id", help="run id (default: derived from the resolved config)")
         p.set_defaults(func=func)
         return p
 
-    add("ingest", cmd_ingest, "ingest the configured source into a dataset version")
+    ingest = add("ingest", cmd_ingest, "ingest a source into a dataset version")
+    ingest.add_argument("source", nargs="?", help="folder, s3:// prefix or URL list (default: the config's)")
+    ingest.add_argument("--dataset", help="dataset name (default: the config's)")
+    ingest.add_argument("--store", help="store root: a folder, file:// or s3:// (default: the config's)")
     add("validate", cmd_validate, "run the quality gate; on success the version becomes LATEST").add_argument(
         "--version", required=True, help="dataset version id to validate"
     )

@@ -67,3 +67,33 @@ def test_config_errors_exit_2_with_the_field(home: Path) -> None:
     out = _cli(home, "ingest", "--set", "dataset.resolution=7")
     assert out.returncode == 2
     assert "dataset.resolution" in out.stderr
+
+
+def test_ingest_command_takes_source_dataset_and_store(home: Path, tmp_path: Path) -> None:
+    raw = generate_shapes_dataset(tmp_path / "incoming", count=30)
+    exe = Path(sys.executable).with_name("sd-pipeline")
+    out = subprocess.run(
+        [
+            str(exe),
+            "ingest",
+            str(raw),
+            "--dataset",
+            "incoming",
+            "--store",
+            str(tmp_path / "st"),
+            "--set",
+            "safety.classifier=null",
+            "--set",
+            "quality.min_rows=1",
+            "--json",
+        ],
+        env={**os.environ, "SD_PIPELINE_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["store"] == f"file://{tmp_path / 'st'}"
+    assert result["uri"] == f"file://{tmp_path}/st/datasets/incoming/versions/{result['version']}"
+    assert result["accepted"] + result["quarantined"] == result["inputs"] == 38

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -160,6 +161,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from tqdm import tqdm
 
     ds = config.dataset
     store = Store.from_uri(config.storage.root, config.storage.endpoint_url)
@@ -239,7 +241,8 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
 
     workers = ds.workers or os.cpu_count() or 1
     with _pool(workers) as pool:
-        for item in iter_source(ds.source, endpoint_url=config.storage.endpoint_url):
+        items = iter_source(ds.source, endpoint_url=config.storage.endpoint_url)
+        for item in tqdm(items, desc=f"ingest {ds.name}", unit="img", disable=not sys.stderr.isatty()):
             n_inputs += 1
             if isinstance(item, SourceRejection):
                 quarantine.append({"source": item.source, "reason": item.reason, "detail": item.detail})
@@ -316,6 +319,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
         "dataset": ds.name,
         "version": version,
         "uri": store.uri(prefix),
+        "store": store.root_uri,
         "inputs": n_inputs,
         "accepted": len(accepted),
         "quarantined": len(quarantine),
