@@ -1,4 +1,9 @@
-"""sd_ingest: raw captioned images -> dataset version -> quality gate -> dataset Asset event."""
+"""sd_ingest: raw captioned images -> dataset version -> quality gate -> dataset Asset event.
+
+With `dataset.schedule` it runs by itself and `{{ ds }}` in the source URI becomes the run's
+date, so `airflow backfill create --dag-id sd_ingest --from-date … --to-date …` builds the
+versions of past days; rerunning a built day changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ dataset = dataset_asset(config)
 with DAG(
     dag_id="sd_ingest",
     description=f"Ingest {config.dataset.source.uri} into dataset {config.dataset.name}",
-    schedule=None,
+    schedule=config.dataset.schedule,  # e.g. @daily; backfill past days with `airflow backfill create`
     start_date=datetime(2026, 1, 1),
     catchup=False,
+    max_active_runs=1,  # days publish in order, so LATEST is always the newest day
     default_args={**DEFAULT_ARGS, "owner": "data-engineering"},
     tags=["sd-pipeline", "data"],
     doc_md=__doc__,

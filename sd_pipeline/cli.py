@@ -66,13 +66,13 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             if flag in ("source", "store") and "://" not in value:
                 value = f"file://{Path(value).resolve()}"
             args.set.append(f"{field}={value}")
-    return stages.ingest(_config(args))
+    return stages.ingest(_config(args), ds=args.date)
 
 
 def cmd_validate(args: argparse.Namespace) -> dict[str, Any]:
     from sd_pipeline import stages
 
-    return stages.validate(_config(args), args.version)
+    return stages.validate(_config(args), args.version, args.date)
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("source", nargs="?", help="folder, s3:// prefix or URL list (default: the config's)")
     ingest.add_argument("--dataset", help="dataset name (default: the config's)")
     ingest.add_argument("--store", help="store root: a folder, file:// or s3:// (default: the config's)")
-    add("validate", cmd_validate, "run the quality gate; on success the version becomes LATEST").add_argument(
-        "--version", required=True, help="dataset version id to validate"
-    )
+    ingest.add_argument("--date", help="YYYY-MM-DD: fills {{ ds }} in a templated source URI")
+    validate = add("validate", cmd_validate, "run the quality gate; on success the version becomes LATEST")
+    validate.add_argument("--version", required=True, help="dataset version id to validate")
+    validate.add_argument("--date", help="YYYY-MM-DD the version was ingested for (scheduled runs)")
     add("prepare", cmd_prepare, "pin the dataset version and store a run's resolved config").add_argument(
         "--dataset-version", help="version id or 'latest' (default: config)"
     )

@@ -157,6 +157,12 @@ class DatasetConfig(_Section):
     workers: int = Field(
         0, ge=0, le=256, description="Processes decoding images; 0 = one per CPU, 1 = in-process."
     )
+    schedule: str | None = Field(
+        None,
+        description="When sd_ingest runs by itself (cron or preset like @daily); None = only when "
+        "triggered. With a schedule, dataset.source.uri may hold {{ ds }} (the run's date), and "
+        "`airflow backfill create` builds the versions of past days.",
+    )
     near_duplicate_distance: int = Field(
         2,
         ge=-1,

@@ -43,14 +43,46 @@ def load_config_uri(uri: str, overrides: dict[str, Any] | None = None) -> Pipeli
 # -- ingest and gate -----------------------------------------------------------------
 
 
-def ingest(config: PipelineConfig) -> dict[str, Any]:
+DATE_PLACEHOLDERS = ("{{ ds }}", "{{ds}}", "{ds}")
+
+
+def for_date(config: PipelineConfig, ds: str | None) -> PipelineConfig:
+    """The config with ``{{ ds }}`` in the source URI replaced by the run's date."""
+    uri = config.dataset.source.uri
+    if not any(p in uri for p in DATE_PLACEHOLDERS):
+        return config
+    if ds is None:
+        raise ValueError(f"dataset.source.uri {uri!r} needs a date ({{{{ ds }}}}): pass one (--date)")
+    for p in DATE_PLACEHOLDERS:
+        uri = uri.replace(p, ds)
+    source = config.dataset.source.model_copy(update={"uri": uri})
+    return config.model_copy(update={"dataset": config.dataset.model_copy(update={"source": source})})
+
+
+def ingest(config: PipelineConfig, ds: str | None = None) -> dict[str, Any]:
+    """Ingest the source (for date ``ds`` when the source URI is templated with it)."""
     from sd_pipeline.ingest.build import ingest as build_version
 
-    return build_version(config)
+    summary = build_version(for_date(config, ds))
+    return {**summary, "date": ds}
 
 
-def validate(config: PipelineConfig, version: str) -> dict[str, Any]:
+def dates_key(dataset: str, ds: str) -> str:
+    return f"datasets/{dataset}/dates/{ds}"
+
+
+def newest_date(store: Store, dataset: str) -> str | None:
+    prefix = f"datasets/{dataset}/dates/"
+    dates = [key[len(prefix) :] for key in store.list(prefix)]
+    return max(dates) if dates else None
+
+
+def validate(config: PipelineConfig, version: str, day: str | None = None) -> dict[str, Any]:
     """Run the quality gate on a committed version; on success it becomes ``LATEST``.
+
+    With a date ``day`` (a scheduled or backfilled run) the version is also recorded as that
+    day's (``datasets/<name>/dates/<day>``), and it becomes ``LATEST`` only if no later day
+    has an accepted version: backfilling last month never rolls training back.
 
     A failed gate marks the version rejected, leaves ``LATEST`` untouched and raises
     :class:`QualityGateFailed` with the human summary.
@@ -71,9 +103,17 @@ def validate(config: PipelineConfig, version: str) -> dict[str, Any]:
         )
     if store.exists(f"{prefix}/REJECTED"):  # passed now, e.g. after a recorded threshold change
         store.delete_prefix(f"{prefix}/REJECTED")
-    store.write_pointer(latest_key(ds.name), version)
-    log.info("dataset %s version %s passed the gate and is now LATEST", ds.name, version)
-    return verdict
+    newest = newest_date(store, ds.name) if day else None
+    is_latest = day is None or newest is None or day >= newest
+    if day is not None:
+        store.write_pointer(dates_key(ds.name, day), version)
+    if is_latest:
+        store.write_pointer(latest_key(ds.name), version)
+        log.info("dataset %s version %s passed the gate and is now LATEST", ds.name, version)
+    else:
+        log.info("dataset %s version %s (%s) passed the gate; LATEST stays on the %s version",
+                 ds.name, version, day, newest)
+    return {**verdict, "date": day, "is_latest": is_latest}
 
 
 # -- runs ------------------------------------------------------------------------------

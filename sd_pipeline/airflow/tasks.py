@@ -23,10 +23,18 @@ def _context() -> Any:
     return get_current_context()
 
 
+def _run_date() -> str:
+    """The run's date: its logical date, or (a manual run without one) the day it runs."""
+    ctx = _context()
+    if ctx.get("ds"):
+        return str(ctx["ds"])
+    return str(ctx["dag_run"].run_after.date().isoformat())
+
+
 def ingest() -> dict[str, Any]:
     from sd_pipeline import stages
 
-    summary = stages.ingest(stages.load_config_uri(config_path()))
+    summary = stages.ingest(stages.load_config_uri(config_path()), ds=_run_date())
     log.info(
         "dataset %s version %s: %d accepted, %d quarantined (%s)",
         summary["dataset"],
@@ -44,7 +52,7 @@ def validate(ingested: dict[str, Any], asset: Any) -> dict[str, Any]:
 
     config = stages.load_config_uri(config_path())
     try:
-        verdict = stages.validate(config, ingested["version"])
+        verdict = stages.validate(config, ingested["version"], ingested.get("date"))
     finally:  # a failed gate's report is what on-call opens first
         _push_report_links(config, ingested["dataset"], ingested["version"])
     _context()["outlet_events"][asset].extra = {
@@ -53,6 +61,8 @@ def validate(ingested: dict[str, Any], asset: Any) -> dict[str, Any]:
         "accepted": ingested["accepted"],
         "quarantined": ingested["quarantined"],
         "uri": ingested["uri"],
+        "date": ingested.get("date"),
+        "is_latest": verdict["is_latest"],
     }
     return verdict
 
@@ -80,9 +90,25 @@ def _push_report_links(config: PipelineConfig, dataset: str, version: str) -> No
 
 
 def _triggering_version() -> str | None:
+    """The newest dataset version among the events that triggered this run.
+
+    Raises AirflowSkipException when every triggering version was a backfill of an older
+    day (not LATEST): retraining on last month's data is not what a new delivery means.
+    """
     events = _context().get("triggering_asset_events") or {}
-    versions = [e.extra.get("version") for evs in events.values() for e in evs if e.extra]
-    return versions[-1] if versions else None
+    extras = [e.extra for evs in events.values() for e in evs if e.extra]
+    if not extras:
+        return None
+    current = [x for x in extras if x.get("is_latest", True)]
+    if not current:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException(
+            f"triggered only by backfilled versions {[x.get('version') for x in extras]}, "
+            "none of which is LATEST; nothing to retrain"
+        )
+    version = current[-1].get("version")
+    return str(version) if version else None
 
 
 def prepare() -> dict[str, Any]:
