@@ -191,6 +191,8 @@ def serve_uis(config: PipelineConfig) -> None:
         **airflow_env(home),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__API__PORT": "8080",
+        # standalone starts its components as `airflow …` from PATH: this venv's first.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     mlflow = Path(sys.executable).with_name("mlflow")
     procs = [
