@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,7 +90,11 @@ def test_backfill_builds_one_version_per_day(tmp_path: Path) -> None:
     logs.mkdir()
     services = [
         subprocess.Popen(
-            [str(airflow), *cmd], env=env, stdout=(logs / f"{cmd[0]}.log").open("w"), stderr=subprocess.STDOUT
+            [str(airflow), *cmd],
+            env=env,
+            stdout=(logs / f"{cmd[0]}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop each service with its workers
         )
         for cmd in (["api-server", "-p", str(port)], ["dag-processor"], ["scheduler"])
     ]
@@ -128,7 +133,7 @@ def test_backfill_builds_one_version_per_day(tmp_path: Path) -> None:
         ).read_text()[-3000:]
     finally:
         for proc in services:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
         for proc in services:
             proc.wait(timeout=60)
 

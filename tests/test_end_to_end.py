@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +162,11 @@ def test_the_api_server_shows_the_links_and_serves_the_reports(demo_home: tuple[
     airflow = Path(sys.executable).with_name("airflow")
     log = (home / "api-server.log").open("w")
     server = subprocess.Popen(
-        [str(airflow), "api-server", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        [str(airflow), "api-server", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers go with it: the whole group is stopped below
     )
     base = f"http://127.0.0.1:{port}"
 
@@ -195,6 +200,6 @@ def test_the_api_server_shows_the_links_and_serves_the_reports(demo_home: tuple[
         assert get(links["Data card"])[0] == 200
         assert get(links["Quality report"].replace("quality/index.html", "manifest.parquet"))[0] == 404
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
