@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sd-pipeline demo
+	$(VENV)/bin/sd-pipeline demo --config configs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check sd_pipeline dags plugins tests benchmarks
@@ -38,7 +38,7 @@ lint: $(STAMP)
 # The Airflow UI (http://127.0.0.1:8080) and the MLflow UI (http://127.0.0.1:5000) on the
 # embedded home, in the foreground; Ctrl-C stops both.
 up: $(STAMP)
-	$(VENV)/bin/sd-pipeline up
+	$(VENV)/bin/sd-pipeline up --config configs/demo.yaml
 
 constraints: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > constraints.txt.new
