@@ -15,7 +15,7 @@ def test_demo_config_loads_and_expands_the_home(home: Path) -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.storage.root == f"file://{home}/store"
     assert cfg.model.base == f"{home}/models/tiny-sd"
-    assert cfg.train.method == "lora"
+    assert (cfg.train.method, cfg.train.steps) == ("full", 200)  # as configs/demo.yaml says
 
 
 def test_defaults_also_expand_the_home(home: Path) -> None:

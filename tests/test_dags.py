@@ -119,7 +119,7 @@ def test_train_form_params_are_typed_and_bounded(
         monkeypatch.setenv(k, v)
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["sd_train"]
     params = dag.params
-    assert params["method"] == "lora"
+    assert params["method"] == "full"  # the form defaults to the pipeline config
     assert params.get_param("steps").schema["minimum"] == 1
     with pytest.raises(ParamValidationError):
         params.get_param("steps").resolve(0)
