@@ -95,10 +95,9 @@ class Store(ABC):
             self.get_file(key, Path(local_dir) / key[len(prefix) :])
         return Path(local_dir)
 
+    @abstractmethod
     def move(self, src: str, dst: str) -> None:
-        """Move one object (a rename locally, copy-then-delete on S3)."""
-        self.put_bytes(dst, self.get_bytes(src))
-        self.delete_prefix(src)
+        """Move one object (a rename locally, a server-side copy then delete on S3)."""
 
     # -- publish protocol -------------------------------------------------------
 

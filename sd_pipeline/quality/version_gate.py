@@ -76,9 +76,9 @@ def gate_version(config: PipelineConfig, store: Store, version: str) -> tuple[di
         "overrides": threshold_overrides(q),
         "previous_version": previous_id if previous_id != version else None,
         "privacy": privacy,
+        "datacard_uri": store.uri(f"{prefix}/DATACARD.md"),
         **report,
     }
-    store.put_json(f"{prefix}/quality/verdict.json", verdict)
     ingest_summary = store.get_json(f"{prefix}/ingest.json")
     card = render_datacard(
         dataset=ds.name,
@@ -91,7 +91,6 @@ def gate_version(config: PipelineConfig, store: Store, version: str) -> tuple[di
         safety=config.safety.model_dump(mode="json"),
     )
     store.put_bytes(f"{prefix}/DATACARD.md", card.encode())
-    verdict["datacard_uri"] = store.uri(f"{prefix}/DATACARD.md")
-    store.put_json(f"{prefix}/quality/verdict.json", verdict)
+    store.put_json(f"{prefix}/quality/verdict.json", verdict)  # last: it names the card
     log.info("%s", result.summary())
     return verdict, result.summary()
