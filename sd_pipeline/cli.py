@@ -87,6 +87,13 @@ def _run_id(args: argparse.Namespace, config: PipelineConfig) -> str:
     return args.run_id or run_id_for(config)
 
 
+def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
+    from sd_pipeline import stages
+
+    config = _config(args)
+    return stages.cache(config, _run_id(args, config), rebuild=args.rebuild)
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from sd_pipeline import stages
 
@@ -133,6 +140,19 @@ def cmd_setup(args: argparse.Namespace) -> dict[str, Any]:
     from sd_pipeline.demo import setup_embedded_home
 
     return setup_embedded_home(_config(args))
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> dict[str, Any]:
+    """``sd-pipeline tiny-model [--kind sd|sdxl] [--out DIR]``: a tiny random-init base model whose
+    tokenizer is trained on the demo dataset's captions (default folder: the embedded home's)."""
+    from sd_pipeline.home import EmbeddedHome
+    from sd_pipeline.models.tiny import build_tiny_model
+    from sd_pipeline.synthetic import all_captions
+
+    home = EmbeddedHome.from_env()
+    default = home.base_model_sdxl if args.kind == "sdxl" else home.base_model
+    path = build_tiny_model(Path(args.out) if args.out else default, all_captions(), args.kind, args.seed)
+    return {"kind": args.kind, "path": str(path), "use_with": f"--set model.base={path}"}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,8 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--version", required=True, help="dataset version id to validate")
     validate.add_argument("--date", help="YYYY-MM-DD the version was ingested for (scheduled runs)")
     add("prepare", cmd_prepare, "pin the dataset version and store a run's resolved config").add_argument(
-        "--dataset-version", help="version id or 'latest' (default: config)"
+        "--dataset-version", help="'latest', ids, 'last:N' or 'window:Nd' (default: config)"
     )
+    cache = add(
+        "cache",
+        cmd_cache,
+        "compute the latent cache (VAE latents, text embeddings) of the run's dataset versions",
+        run_id=True,
+    )
+    cache.add_argument("--rebuild", action="store_true", help="recompute it even if one is committed")
     add("train", cmd_train, "train (resumes the run if it has checkpoints)", run_id=True)
     add(
         "evaluate",
@@ -211,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--by", default=_whoami(), help="who (default: your user name)")
     rollback.add_argument("--to-version", help="roll back to this version instead of the previous champion")
     add("setup", cmd_setup, "prepare the embedded home: raw data, tiny base model, Airflow DB")
+    tiny = add("tiny-model", cmd_tiny_model, "build a tiny random-init SD 1.x or SDXL base model (offline)")
+    tiny.add_argument("--kind", choices=["sd", "sdxl"], default="sd", help="model family (default: sd)")
+    tiny.add_argument("--out", help="folder (default: <SD_PIPELINE_HOME>/models/tiny-sd or tiny-sdxl)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     add("demo", cmd_demo, "run the whole pipeline through Airflow on the embedded home")
     add("up", cmd_up, "serve the Airflow UI and the MLflow UI for the embedded home")
     return parser

@@ -139,8 +139,10 @@ class DatasetConfig(_Section):
     name: str = Field("shapes", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     version: str = Field(
         "latest",
-        pattern=r"^(latest|[0-9a-f]{16})$",
-        description="Dataset version to train on: latest accepted, or an explicit id.",
+        pattern=r"^(latest|last:[1-9][0-9]{0,3}|window:[1-9][0-9]{0,3}d|[0-9a-f]{16}(,[0-9a-f]{16}){0,999})$",
+        description="Dataset versions to train on: `latest` accepted, an explicit id, ids separated by "
+        "commas, `last:N` (the N newest accepted daily versions) or `window:Nd` (the accepted daily "
+        "versions of the last N days). A run pins what this resolves to (docs/ingest.md).",
     )
     source: SourceConfig = SourceConfig()
     resolution: int = Field(64, ge=16, le=2048, multiple_of=8)
@@ -169,6 +171,19 @@ class DatasetConfig(_Section):
         le=32,
         description="Images whose colour difference hashes differ in at most this many of 192 "
         "bits are near duplicates: the first is kept, the others quarantined. -1 turns it off.",
+    )
+    resize_filter: Literal["area", "bicubic", "lanczos"] = Field(
+        "area",
+        description="How images are shrunk to dataset.resolution: area = box averaging (OpenCV's "
+        "INTER_AREA, img2dataset's and kohya's choice; enlarging uses Lanczos), bicubic, or lanczos "
+        "(sharpest, about 3x the resize cost). Part of the version id.",
+    )
+    unit_size: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Inputs per work unit: sd_ingest runs one mapped task per unit (plan -> "
+        "ingest_unit -> commit). The version id does not depend on it.",
     )
 
 
@@ -256,7 +271,77 @@ class TrainConfig(_Section):
     lora_alpha: float | None = Field(None, gt=0.0, description="Defaults to the rank.")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = none.")
-    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    checkpoints_keep: int = Field(2, ge=1, le=1000, description="Newest committed checkpoints kept.")
+    caption_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of samples trained on the empty caption (for CFG)."
+    )
+    train_text_encoder: bool = Field(
+        False,
+        description="Also train the (first) text encoder: LoRA on its attention for method=lora, all "
+        "of it for method=full. Captions are then encoded every step, so the cache holds latents only.",
+    )
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule over train.steps (diffusers' get_scheduler).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps of the schedule.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches per step (effective batch: batch_size x this)."
+    )
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping by global norm; 0 = off.")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit needs bitsandbytes (GPU) and fails at start without it."
+    )
+    adam_weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 (no) on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    ema: bool = Field(False, description="Keep an exponential moving average of the trained weights and "
+                      "publish it as the final weights.")
+    ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)
+    snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is the paper's choice); None = off."
+    )
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Offset noise strength; 0 = off.")
+    buckets: bool = Field(
+        True,
+        description="Aspect-ratio buckets: each image goes to the bucket of nearest aspect ratio with "
+        "about dataset.resolution^2 pixels; no batch mixes buckets.",
+    )
+    bucket_step: int = Field(
+        64, ge=8, le=512, multiple_of=8, description="Bucket sides are multiples of this."
+    )
+    bucket_max_aspect: float = Field(2.0, ge=1.0, le=8.0, description="Most elongated bucket (long/short).")
+    log_every: int = Field(10, ge=0, description="Steps between MLflow metric logs; 0 = off.")
+    validate_every: int = Field(
+        0, ge=0, description="Steps between validation images (evaluate prompts) logged to MLflow; 0 = off."
+    )
+    schedule: str | None = Field(
+        None,
+        description="Also retrain on this cron (or preset like @weekly) besides each new dataset "
+        "version, whichever comes first; None = only on new versions and by hand. A run whose inputs "
+        "match an already registered model is skipped.",
+    )
+
+    @model_validator(mode="after")
+    def _cron(self) -> TrainConfig:
+        check_cron(self.schedule, "train.schedule")
+        return self
+
+
+def check_cron(expression: str | None, field: str) -> None:
+    """Refuse a malformed cron when the config loads, not when the scheduler parses the DAG."""
+    if expression is None:
+        return
+    try:
+        from croniter import croniter
+    except ImportError:  # pods need no scheduler; the DAG's parse checks it there
+        return
+    if not croniter.is_valid(expression):
+        raise ValueError(
+            f"{field} {expression!r} is not a cron expression (5 fields like '0 3 * * 1') or a preset "
+            "(@hourly, @daily, @weekly, @monthly, @yearly); None turns the schedule off"
+        )
 
 
 # Kubernetes syntax, checked here so a typo fails when the config loads, not when a GPU pod starts.
@@ -285,7 +370,7 @@ _SUFFIX = {
     "Pi": 2**50,
     "Ei": 2**60,
 }
-HEAVY_STAGES = ("train", "evaluate")
+HEAVY_STAGES = ("cache", "train", "evaluate")
 
 
 def quantity_value(quantity: str) -> float:
@@ -470,6 +555,9 @@ class ComputeConfig(_Section):
         description="Default backend of the heavy steps: local = a subprocess on the Airflow worker, "
         "kubernetes = a pod per step; a step's own backend wins.",
     )
+    cache: StepCompute = Field(
+        StepCompute(gpus=1), description="The latent-cache step: the VAE encoder and text encoders, once."
+    )
     train: StepCompute = StepCompute()
     evaluate: StepCompute = StepCompute()
     kubernetes: KubernetesConfig = KubernetesConfig()
@@ -592,6 +680,12 @@ class RegistryConfig(_Section):
         description="In sd_train, a person approves (Airflow human-in-the-loop) before a winning "
         "challenger becomes champion.",
     )
+    approvers: list[str] = Field(
+        default_factory=list,
+        description="Airflow users (as the auth manager identifies them: the user name for the simple "
+        "and most SSO auth managers) who may approve a promotion; the approval request is assigned "
+        "to them and promote refuses anyone else's answer. Empty = anyone who may act on the DAG.",
+    )
     model_card: ModelCardConfig = ModelCardConfig()
 
     @model_validator(mode="after")
@@ -602,6 +696,51 @@ class RegistryConfig(_Section):
                 "a new version must not become champion by registering"
             )
         return self
+
+
+class AlertsConfig(_Section):
+    """Where failure alerts go: an Airflow connection, so no address or token sits in the config."""
+
+    connection_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,250}$",
+        description="Airflow connection that receives alerts (UI Connections, or AIRFLOW_CONN_<ID>); "
+        "None = alerts off.",
+    )
+    kind: Literal["auto", "webhook", "slack", "email"] = Field(
+        "auto",
+        description="auto = from the connection type: slackwebhook/slack -> slack (incoming-webhook "
+        "payload), smtp/email -> email (through the SMTP connection), anything else -> webhook (JSON "
+        "POST to the connection's host).",
+    )
+    email_to: list[str] = Field(
+        default_factory=list, description="Recipients of email alerts (needed when the kind is email)."
+    )
+    on_task_failure: bool = Field(True, description="Alert when a task fails for good (no retry left).")
+    on_gate_failure: bool = Field(True, description="Alert when a dataset version fails its quality gate.")
+    timeout_seconds: float = Field(10.0, gt=0.0, le=120.0, description="Per alert delivery attempt.")
+
+    @model_validator(mode="after")
+    def _recipients(self) -> AlertsConfig:
+        if self.kind == "email" and self.connection_id and not self.email_to:
+            raise ValueError("alerts.kind is email but alerts.email_to is empty; list the recipients")
+        bad = [a for a in self.email_to if not re.fullmatch(r"[^@\s]+@[^@\s]+", a)]
+        if bad:
+            raise ValueError(f"alerts.email_to holds {bad}, which are not e-mail addresses")
+        return self
+
+
+class Objective(_Section):
+    """A target a run should reach: reported on every run, never a gate."""
+
+    metric: str = Field(
+        pattern=r"^[A-Za-z0-9_.]+$",
+        description="A run metric: an evaluation metric (holdout_loss), train.<x>, or monitoring.<x>.",
+    )
+    target: float
+    better: Literal["lower", "higher"] = Field(
+        description="lower: met when the value is at most target; higher: at least target."
+    )
 
 
 class PipelineConfig(_Section):
@@ -615,13 +754,47 @@ class PipelineConfig(_Section):
     compute: ComputeConfig = ComputeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig = RegistryConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    objectives: list[Objective] = Field(
+        default_factory=list,
+        description="Targets each run is reported against (run summary, MLflow objective.<metric>.* "
+        "tags and metrics, model card); they do not block promotion.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_objectives(self) -> PipelineConfig:
+        metrics = [o.metric for o in self.objectives]
+        twice = sorted({m for m in metrics if metrics.count(m) > 1})
+        if twice:
+            raise ValueError(f"objectives name {twice} more than once; keep one target per metric")
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2)
 
+    def training_dump(self) -> dict[str, Any]:
+        """The config without OPERATIONAL_FIELDS: what decides the trained model."""
+        data = self.model_dump(mode="json")
+        for dotted in OPERATIONAL_FIELDS:
+            *parents, leaf = dotted.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
+        return data
+
     def fingerprint(self) -> str:
-        """Content hash of the resolved config: same config, same fingerprint."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Content hash of what the resolved config trains: same inputs, same fingerprint.
+
+        OPERATIONAL_FIELDS are left out: changing where alerts go, a target, the approvers or
+        the retrain schedule must not make the same inputs a new run (and a retrain).
+        """
+        text = json.dumps(self.training_dump(), sort_keys=True, indent=2)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# How runs are operated, not what they train: outside the run id (PipelineConfig.fingerprint).
+OPERATIONAL_FIELDS = ("alerts", "objectives", "registry.approvers", "train.schedule")
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -38,6 +38,11 @@ class EmbeddedHome:
         return self.root / "models" / "tiny-sd"
 
     @property
+    def base_model_sdxl(self) -> Path:
+        """Where ``sd-pipeline tiny-model --kind sdxl`` builds the tiny SDXL (the demo stays on SD 1.x)."""
+        return self.root / "models" / "tiny-sdxl"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.root / "mlflow"
 

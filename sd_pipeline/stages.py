@@ -15,7 +15,7 @@ from typing import Any
 
 from sd_pipeline.config import PipelineConfig, load_config, parse_config
 from sd_pipeline.home import EmbeddedHome
-from sd_pipeline.ingest.versions import latest_key, resolve_version, version_prefix
+from sd_pipeline.ingest.versions import latest_key, version_prefix
 from sd_pipeline.storage import Store
 
 log = logging.getLogger("sd_pipeline")
@@ -122,15 +122,19 @@ def validate(config: PipelineConfig, version: str, day: str | None = None) -> di
 def prepare_run(
     config: PipelineConfig, dataset_version: str | None = None, extra_tags: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Pin the dataset version, derive the run id from the inputs and store the config.
+    """Pin the dataset versions, derive the run id from the inputs and store the config.
 
-    The run id is a hash of the resolved config (dataset version included), so the same
-    inputs give the same run: a retry resumes it, a duplicate trigger finds it done.
+    ``dataset.version`` (``latest``, ids, ``last:N``, ``window:Nd``) is resolved to the exact
+    ids it means now, so the run id (a hash of the resolved config) says what was read: the
+    same inputs give the same run, a retry resumes it, a duplicate trigger finds it done.
     """
+    from sd_pipeline.ingest.versions import resolve_versions
+
     store = store_for(config)
     wanted = dataset_version or config.dataset.version
-    version = resolve_version(store, config.dataset.name, wanted)
-    resolved = config.model_copy(update={"dataset": config.dataset.model_copy(update={"version": version})})
+    versions = resolve_versions(store, config.dataset.name, wanted)
+    pinned = ",".join(versions)
+    resolved = config.model_copy(update={"dataset": config.dataset.model_copy(update={"version": pinned})})
     run_id = run_id_for(resolved)
     config_key = f"runs/{run_id}/config.json"
     store.put_json(config_key, json.loads(resolved.to_json()))
@@ -141,28 +145,48 @@ def prepare_run(
         "run %s on %s/%s%s",
         run_id,
         resolved.dataset.name,
-        version,
+        pinned,
         " (already trained: will reuse)" if already else "",
     )
     return {
         "run_id": run_id,
         "config_uri": store.uri(config_key),
         "dataset": resolved.dataset.name,
-        "dataset_version": version,
+        "dataset_version": pinned,
+        "dataset_versions": versions,
         "already_trained": already,
     }
+
+
+def cache(config: PipelineConfig, run_id: str, rebuild: bool = False) -> dict[str, Any]:
+    """Compute (or find) the latent cache of the run's dataset versions and base model.
+
+    Its own step, before training: the GPU pod that trains then loads neither the VAE nor
+    the frozen text encoders. ``rebuild`` recomputes it even when one is committed.
+    """
+    from sd_pipeline.models.base import default_cache_dir, resolve_base_model
+    from sd_pipeline.train.cache import ensure_cache
+    from sd_pipeline.train.trainer import dataset_versions
+
+    store = store_for(config)
+    versions = dataset_versions(store, config)
+    base = resolve_base_model(
+        config.model.base, default_cache_dir(), endpoint_url=config.storage.endpoint_url
+    )
+    _, summary = ensure_cache(config, store, versions, base, rebuild=rebuild, splits=())
+    return {"run_id": run_id, "versions": versions, **summary}
 
 
 def train(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     from sd_pipeline.train.trainer import train as run_training
 
-    return run_training(config, run_id, config.dataset.version)
+    return run_training(config, run_id)
 
 
 def evaluate(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     from sd_pipeline.evaluate.evaluate import evaluate as run_evaluation
 
-    return run_evaluation(config, run_id, config.dataset.version)
+    return run_evaluation(config, run_id)
 
 
 def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("eval")
     model = build_tiny_sd(root / "tiny-sd", [s.caption for s in shape_samples()], seed=0)
     write_dataset(LocalStore(root / "store"), shape_samples())
-    train(make_config(root, model), "run-eval", VERSION)
+    train(make_config(root, model), "run-eval")
     return root, model
 
 
@@ -37,7 +37,7 @@ def test_evaluate_reports_losses_and_a_grid(
     config = make_config(root, model)
     store = LocalStore(root / "store")
     with caplog.at_level(logging.INFO, logger="sd_pipeline.evaluate"):
-        result = evaluate(config, "run-eval", "latest")
+        result = evaluate(config, "run-eval")
 
     metrics = result["metrics"]
     for name in ("holdout_loss", "base_holdout_loss", "holdout_loss_t200", "base_holdout_loss_t700"):
@@ -58,13 +58,13 @@ def test_evaluate_reports_losses_and_a_grid(
     assert any("holdout loss" in r.getMessage() for r in caplog.records)
 
     # Idempotent: evaluating again returns the published result.
-    assert evaluate(config, "run-eval", VERSION) == result
+    assert evaluate(config, "run-eval") == result
 
 
 def test_evaluating_an_untrained_run_is_explained(trained: tuple[Path, Path]) -> None:
     root, model = trained
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
-        evaluate(make_config(root, model), "never-trained", VERSION)
+        evaluate(make_config(root, model), "never-trained")
 
 
 def test_a_full_v_prediction_run_improves_on_its_base(tmp_path: Path) -> None:
@@ -73,8 +73,8 @@ def test_a_full_v_prediction_run_improves_on_its_base(tmp_path: Path) -> None:
     config = make_config(tmp_path, model, **{
         "train.method": "full", "train.steps": 3, "model.prediction_type": "v_prediction",
     })
-    train(config, "run-v", VERSION)
-    metrics = evaluate(config, "run-v", VERSION)["metrics"]
+    train(config, "run-v")
+    metrics = evaluate(config, "run-v")["metrics"]
 
     assert metrics["holdout_loss"] < metrics["base_holdout_loss"]
     report = LocalStore(tmp_path / "store").get_json("runs/run-v/eval/metrics.json")
@@ -85,12 +85,12 @@ def test_a_changed_base_model_is_refused(tmp_path: Path) -> None:
     model = build_tiny_sd(tmp_path / "tiny-sd", [s.caption for s in shape_samples()], seed=0)
     write_dataset(LocalStore(tmp_path / "store"), shape_samples())
     config = make_config(tmp_path, model, **{"train.steps": 1})
-    train(config, "run-drift", VERSION)
+    train(config, "run-drift")
     (model / "scheduler" / "scheduler_config.json").write_text(
         (model / "scheduler" / "scheduler_config.json").read_text().replace("1000", "999")
     )
     with pytest.raises(ValueError, match="has changed since run 'run-drift'"):
-        evaluate(config, "run-drift", VERSION)
+        evaluate(config, "run-drift")
 
 
 # -- prompt sets -------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def evaluator_weights(trained: tuple[Path, Path]) -> dict[str, Path]:
 
 def test_without_evaluator_weights_each_skipped_metric_says_why(trained: tuple[Path, Path]) -> None:
     root, model = trained
-    evaluate(make_config(root, model), "run-eval", VERSION)
+    evaluate(make_config(root, model), "run-eval")
     report = LocalStore(root / "store").get_json("runs/run-eval/eval/metrics.json")
 
     assert {"clip_score", "fd_clip", "kid_clip", "unsafe_rate", "fid"} <= set(report["skipped"])
@@ -214,8 +214,8 @@ def test_clip_and_safety_metrics_run_and_name_their_weights(
         "evaluate.prompts": None,  # the shipped default set: 4 prompts
         "evaluate.compare_with_champion": False,
     })
-    train(config, "run-clip", VERSION)
-    result = evaluate(config, "run-clip", VERSION)
+    train(config, "run-clip")
+    result = evaluate(config, "run-clip")
     report = LocalStore(root / "store").get_json("runs/run-clip/eval/metrics.json")
 
     metrics = result["metrics"]

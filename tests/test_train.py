@@ -21,7 +21,8 @@ from sd_pipeline.ingest.versions import latest_key, version_prefix  # noqa: E402
 from sd_pipeline.models.tiny import build_tiny_sd  # noqa: E402
 from sd_pipeline.storage import LocalStore, Store  # noqa: E402
 from sd_pipeline.train.checkpoints import committed_steps  # noqa: E402
-from sd_pipeline.train.trainer import batch_indices, train  # noqa: E402
+from sd_pipeline.train.buckets import BatchSchedule  # noqa: E402
+from sd_pipeline.train.trainer import train  # noqa: E402
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "yellow": (240, 220, 40),
           "white": (250, 250, 250), "black": (10, 10, 10)}
@@ -101,12 +102,19 @@ def unet_output(pipe: Any) -> Any:
         return pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=cond).sample
 
 
-def test_batches_are_seeded_epoch_shuffles() -> None:
-    first_epoch = batch_indices(1, 4, 8, seed=0) + batch_indices(2, 4, 8, seed=0)
-    assert sorted(first_epoch) == list(range(8))
-    assert batch_indices(3, 4, 8, seed=0) == batch_indices(3, 4, 8, seed=0)
-    assert batch_indices(1, 8, 8, seed=0) != batch_indices(1, 8, 8, seed=1)
-    assert len(batch_indices(2, 5, 8, seed=0)) == 5  # a batch may span two epochs
+def test_batches_are_seeded_single_bucket_epoch_shuffles() -> None:
+    schedule = BatchSchedule([8, 3, 0, 6], batch_size=4, seed=0)
+    assert schedule.per_epoch == 2 + 1 + 0 + 2
+    epoch = [schedule.batch(step) for step in range(1, schedule.per_epoch + 1)]
+    seen = {(b, i) for b, rows in epoch for i in rows}
+    assert seen == {(b, i) for b, n in enumerate([8, 3, 0, 6]) for i in range(n)}  # each sample once
+    assert all(len(rows) <= 4 for _, rows in epoch)
+    assert schedule.small_buckets() == {1: 3}  # reported, not dropped
+    again = BatchSchedule([8, 3, 0, 6], batch_size=4, seed=0)
+    assert [again.batch(s) for s in range(1, 12)] == [schedule.batch(s) for s in range(1, 12)]
+    other = BatchSchedule([8, 3, 0, 6], batch_size=4, seed=1)
+    assert [other.batch(s) for s in range(1, 6)] != epoch
+    assert schedule.batch(schedule.per_epoch + 1) != schedule.batch(1) or len(epoch) == 1  # new shuffle
 
 
 def test_lora_run_publishes_weights_that_change_the_unet(
@@ -116,7 +124,7 @@ def test_lora_run_publishes_weights_that_change_the_unet(
 
     config, store = workspace
     with caplog.at_level(logging.INFO, logger="sd_pipeline.train"):
-        result = train(config, "run-lora", "latest")
+        result = train(config, "run-lora")
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
 
     assert result["method"] == "lora" and result["steps"] == 4
@@ -124,7 +132,9 @@ def test_lora_run_publishes_weights_that_change_the_unet(
     assert result["final_uri"] == store.uri("runs/run-lora/final")
     assert store.is_committed("runs/run-lora/final")
     meta = store.get_json("runs/run-lora/final/metadata.json")
-    assert meta["dataset"] == {"name": DATASET, "version": VERSION, "train_samples": 8}
+    assert meta["dataset"] == {"name": DATASET, "version": VERSION, "versions": [VERSION],
+                               "train_samples": 8, "buckets": {"64x64": 8}}
+    assert not meta["cache"]["hit"]  # the first run built the latent cache
     assert len(meta["base_model"]["sha256"]) == 64
     assert meta["config"]["train"]["steps"] == 4
     assert any("trained run run-lora" in r.getMessage() for r in caplog.records)
@@ -135,7 +145,7 @@ def test_lora_run_publishes_weights_that_change_the_unet(
     assert not torch.allclose(before, unet_output(pipe))
 
     # Idempotent: a second call returns the published result without training.
-    assert train(config, "run-lora", VERSION) == result
+    assert train(config, "run-lora") == result
 
 
 def test_full_run_saves_a_loadable_unet(tmp_path: Path, tiny_model: Path) -> None:
@@ -144,7 +154,7 @@ def test_full_run_saves_a_loadable_unet(tmp_path: Path, tiny_model: Path) -> Non
     config = make_config(tmp_path, tiny_model, **{"train.method": "full", "train.steps": 2})
     store = LocalStore(tmp_path / "store")
     write_dataset(store, shape_samples())
-    result = train(config, "run-full", VERSION)
+    result = train(config, "run-full")
 
     assert result["method"] == "full"
     unet = UNet2DConditionModel.from_pretrained(store.local_path("runs/run-full/final/unet"))
@@ -160,7 +170,7 @@ def test_resumed_run_matches_an_uninterrupted_one(
     config = config.model_copy(update={
         "train": config.train.model_copy(update={"steps": 6, "checkpoint_every": 2})
     })
-    train(config, "run-ckpt", VERSION)
+    train(config, "run-ckpt")
     assert committed_steps(store, "run-ckpt") == [4, 6]  # only the newest two are kept
     weights = "runs/run-ckpt/final/pytorch_lora_weights.safetensors"
     uninterrupted = store.get_bytes(weights)
@@ -169,7 +179,7 @@ def test_resumed_run_matches_an_uninterrupted_one(
     # A crash after the step-4 checkpoint: no final, no step-6 checkpoint.
     store.delete_prefix("runs/run-ckpt/final")
     store.delete_prefix("runs/run-ckpt/checkpoints/step-6")
-    resumed = train(config, "run-ckpt", VERSION)
+    resumed = train(config, "run-ckpt")
 
     from safetensors.torch import load
 
@@ -185,12 +195,12 @@ def test_reusing_a_run_id_with_another_config_is_refused(
 ) -> None:
     config, _ = workspace
     config = config.model_copy(update={"train": config.train.model_copy(update={"steps": 1})})
-    train(config, "run-once", VERSION)
+    train(config, "run-once")
     changed = config.model_copy(update={
         "train": config.train.model_copy(update={"learning_rate": 5e-4})
     })
     with pytest.raises(ValueError, match="use a new run id"):
-        train(changed, "run-once", VERSION)
+        train(changed, "run-once")
 
 
 def test_a_version_without_training_samples_is_explained(
@@ -201,5 +211,5 @@ def test_a_version_without_training_samples_is_explained(
     holdout_only = [s for s in shape_samples() if s.meta["split"] == "holdout"]
     write_dataset(store, holdout_only)
     with pytest.raises(ValueError, match="no samples with split 'train'"):
-        train(config, "run-empty", VERSION)
+        train(config, "run-empty")
     assert json.loads(json.dumps(store.list("runs"))) == []

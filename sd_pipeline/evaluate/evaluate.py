@@ -18,18 +18,22 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sd_pipeline.config import PipelineConfig
 from sd_pipeline.evaluate.prompts import PromptSet, load_prompt_set
-from sd_pipeline.ingest.versions import iter_samples, resolve_version
 from sd_pipeline.storage import Store
-from sd_pipeline.train.trainer import final_prefix
+from sd_pipeline.train.cache import iter_version_samples
+from sd_pipeline.train.trainer import dataset_versions, final_prefix
 
 if TYPE_CHECKING:
     import torch
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
+    )
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,
     )
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
     from PIL import Image
@@ -37,14 +41,18 @@ if TYPE_CHECKING:
     from sd_pipeline.evaluate.evaluators import ClipEvaluator, SafetyEvaluator
     from sd_pipeline.ingest.shards import ShardSample
     from sd_pipeline.models.base import SDComponents
-    from sd_pipeline.train.encoded import EncodedSplit
+    from sd_pipeline.train.cache import BucketData
+
+    SamplingPipeline: TypeAlias = StableDiffusionPipeline | StableDiffusionXLPipeline  # SD 1.x/2.x or SDXL
 
 log = logging.getLogger("sd_pipeline.evaluate")
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, as the trainer saves it
 
 LOSS_SOURCE = {
     "evaluator": None,
     "how": "denoising MSE of the model's UNet on the holdout latents of its base VAE and text "
-           "encoder, fixed noise (evaluate.loss_seed) at evaluate.loss_timesteps",
+           "encoder (from the latent cache), fixed noise (evaluate.loss_seed) at evaluate.loss_timesteps",
 }
 
 
@@ -57,7 +65,9 @@ class _Shared:
     """What both models of one evaluation reuse: encoded holdout and base losses per base model."""
 
     holdout: list[ShardSample]
-    encoded: dict[str, EncodedSplit | None] = field(default_factory=dict)
+    versions: list[str] = field(default_factory=list)
+    encoded: dict[str, list[BucketData] | None] = field(default_factory=dict)
+    captions: dict[str, Any] = field(default_factory=dict)
     base_losses: dict[str, dict[int, float]] = field(default_factory=dict)
     real_features: Any = None
 
@@ -70,15 +80,16 @@ class _ModelResult:
     skipped: dict[str, str]
 
 
-def evaluate(config: PipelineConfig, run_id: str, dataset_version: str) -> dict[str, Any]:
-    """Evaluate trained run ``run_id`` on the holdout split of ``dataset_version``; idempotent.
+def evaluate(config: PipelineConfig, run_id: str) -> dict[str, Any]:
+    """Evaluate trained run ``run_id`` on the holdout split of its dataset versions; idempotent.
 
     The registry's champion (if any, and unless ``evaluate.compare_with_champion`` is off)
     is evaluated alongside with the same inputs. Returns ``{"metrics", "grid_uri",
     "metrics_uri", "comparison_grid_uri", "champion_version"}``.
     """
     store = Store.from_uri(config.storage.root, config.storage.endpoint_url)
-    version = resolve_version(store, config.dataset.name, dataset_version)
+    versions = dataset_versions(store, config)
+    version = ",".join(versions)
     ev = config.evaluate
     prompt_set = load_prompt_set(ev.prompt_set, ev.prompts, endpoint_url=config.storage.endpoint_url)
     prefix = eval_prefix(run_id)
@@ -104,7 +115,11 @@ def evaluate(config: PipelineConfig, run_id: str, dataset_version: str) -> dict[
         ev.clip_model, ev.safety_checker, device, default_cache_dir().parent / "evaluators",
         config.storage.endpoint_url,
     )
-    shared = _Shared(holdout=list(iter_samples(store, config.dataset.name, version, split="holdout")))
+    shared = _Shared(
+        holdout=[s for s in iter_version_samples(store, config.dataset.name, versions)
+                 if s.meta.get("split") == "holdout"],
+        versions=versions,
+    )
     if not shared.holdout:
         log.warning(
             "dataset %s/%s has no holdout samples, so no holdout loss is reported; "
@@ -230,7 +245,8 @@ def _evaluate_model(
         model_digest,
         resolve_base_model,
     )
-    from sd_pipeline.train.encoded import EmptySplitError, encode_split
+    from sd_pipeline.models.conditioning import encode_prompts
+    from sd_pipeline.train.cache import EmptySplitError, ensure_cache
 
     ev = config.evaluate
     base_path = resolve_base_model(
@@ -250,25 +266,34 @@ def _evaluate_model(
     _check_timesteps(ev.loss_timesteps, parts.noise_scheduler)
 
     if sha not in shared.encoded:
+        cache, _ = ensure_cache(config, store, shared.versions, base_path, parts=parts, splits=("holdout",))
         try:
-            shared.encoded[sha] = encode_split(
-                shared.holdout, resolution=config.dataset.resolution, tokenizer=parts.tokenizer,
-                text_encoder=parts.text_encoder, vae=parts.vae,
-            )
+            shared.encoded[sha] = cache.split("holdout")
         except EmptySplitError:
             shared.encoded[sha] = None
+        shared.captions[sha] = cache.captions
     holdout = shared.encoded[sha]
+    captions = shared.captions[sha]
+
+    def text(trained: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption embeddings: cached, unless the run trained the text encoder (then encode now)."""
+        if captions.hidden.numel() and not (trained and run.get("config", {}).get("train", {}).get(
+                "train_text_encoder")):
+            return captions.hidden, captions.pooled
+        cond = encode_prompts(parts, captions.texts)
+        return cond.hidden, cond.pooled
+
     metrics: dict[str, float] = {}
     sources: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     if holdout is not None and sha not in shared.base_losses:  # before the run's weights go in
-        shared.base_losses[sha] = holdout_losses(parts.unet, holdout, parts.noise_scheduler,
+        shared.base_losses[sha] = holdout_losses(parts.unet, holdout, text(False), parts.noise_scheduler,
                                                  parts.vae.config, ev.loss_timesteps, ev.loss_seed)
     pipe = _tuned_pipeline(store, run_id, run["method"], parts, device)
 
     if holdout is not None:
         base = shared.base_losses[sha]
-        tuned = holdout_losses(pipe.unet, holdout, parts.noise_scheduler, parts.vae.config,
+        tuned = holdout_losses(pipe.unet, holdout, text(True), parts.noise_scheduler, parts.vae.config,
                                ev.loss_timesteps, ev.loss_seed)
         metrics["holdout_loss"] = _mean(tuned)
         metrics["base_holdout_loss"] = _mean(base)
@@ -276,7 +301,7 @@ def _evaluate_model(
         for t in ev.loss_timesteps:
             metrics[f"holdout_loss_t{t}"] = tuned[t]
             metrics[f"base_holdout_loss_t{t}"] = base[t]
-        metrics["holdout_samples"] = float(len(holdout))
+        metrics["holdout_samples"] = float(sum(len(b) for b in holdout))
         sources["holdout_loss"] = LOSS_SOURCE
     else:
         skipped["holdout_loss"] = ("the dataset version has no holdout split; set "
@@ -306,7 +331,7 @@ def _evaluate_model(
 
 
 def _distribution_metrics(
-    pipe: StableDiffusionPipeline,
+    pipe: SamplingPipeline,
     shared: _Shared,
     clip: ClipEvaluator,
     config: PipelineConfig,
@@ -344,7 +369,7 @@ def _distribution_metrics(
 
 
 def _sample(
-    pipe: StableDiffusionPipeline, prompt: str, seed: int, resolution: int, steps: int, guidance: float
+    pipe: SamplingPipeline, prompt: str, seed: int, resolution: int, steps: int, guidance: float
 ) -> Image.Image:
     import torch
 
@@ -374,7 +399,8 @@ def _result(store: Store, run_id: str, report: dict[str, Any]) -> dict[str, Any]
 
 def holdout_losses(
     unet: torch.nn.Module,
-    data: EncodedSplit,
+    data: list[BucketData],
+    text: tuple[torch.Tensor, torch.Tensor | None],
     scheduler: DDPMScheduler,
     vae_config: Any,
     timesteps: list[int],
@@ -383,13 +409,13 @@ def holdout_losses(
 ) -> dict[int, float]:
     """Mean denoising MSE per timestep, with latent means and noise drawn from ``seed``.
 
-    The noise for timestep ``t`` depends only on ``seed`` and ``t``, so two models (or two
-    calls) see exactly the same inputs.
+    The noise for timestep ``t`` depends only on ``seed``, ``t`` and the bucket, so two models
+    (or two calls) see exactly the same inputs. ``text`` is (hidden, pooled) per caption row.
     """
     import torch
     import torch.nn.functional as F
 
-    from sd_pipeline.train.encoded import scaled_latents
+    from sd_pipeline.train.trainer import _draw_latents, sdxl_added_conditions
 
     prediction_type = scheduler.config["prediction_type"]
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -398,58 +424,114 @@ def holdout_losses(
             "use epsilon or v_prediction (model.prediction_type)"
         )
     device = next(unet.parameters()).device
-    latents = scaled_latents(data.latent_mean, data.latent_std, vae_config, None)
-    cond = data.caption_embeddings[data.caption_index]
+    hidden, pooled = text
     out: dict[int, float] = {}
     for t in timesteps:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
-        noise = torch.randn(latents.shape, generator=gen)
-        total = 0.0
-        for i in range(0, len(data), batch_size):
-            x0, eps, c = (v[i : i + batch_size].to(device) for v in (latents, noise, cond))
-            tt = cast("torch.IntTensor", torch.full((len(x0),), t, dtype=torch.long, device=device))
-            target = eps if prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, tt)
-            with torch.no_grad():
-                pred = unet(scheduler.add_noise(x0, eps, tt), tt, encoder_hidden_states=c).sample
-            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-        out[t] = total / latents.numel()
+        total, count = 0.0, 0
+        for b, bucket in enumerate(data):
+            latents = _draw_latents(bucket.mean, bucket.std, vae_config, None)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + t + 7919 * b)
+            noise = torch.randn(latents.shape, generator=gen)
+            for i in range(0, len(bucket), batch_size):
+                rows = bucket.caption_index[i : i + batch_size]
+                x0, eps = latents[i : i + batch_size].to(device), noise[i : i + batch_size].to(device)
+                added = None
+                if pooled is not None:
+                    added = {k: v.to(device) for k, v in sdxl_added_conditions(
+                        pooled[rows], bucket.original_size[i : i + batch_size],
+                        bucket.crop_top_left[i : i + batch_size], (bucket.bucket.height, bucket.bucket.width),
+                    ).items()}
+                tt = cast("torch.IntTensor", torch.full((len(x0),), t, dtype=torch.long, device=device))
+                target = eps if prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, tt)
+                with torch.no_grad():
+                    noisy = scheduler.add_noise(x0, eps, tt)
+                    pred = unet(noisy, tt, encoder_hidden_states=hidden[rows].to(device),
+                                added_cond_kwargs=added).sample
+                total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
+            count += latents.numel()
+        out[t] = total / count
     return out
 
 
 def _tuned_pipeline(
     store: Store, run_id: str, method: str, parts: SDComponents, device: torch.device
-) -> StableDiffusionPipeline:
-    """The base parts with the run's weights (LoRA loaded into ``parts.unet`` in place), DDIM."""
+) -> SamplingPipeline:
+    """The base parts with the run's weights (LoRA loaded into ``parts.unet`` in place), DDIM.
+
+    An SDXL base gives a ``StableDiffusionXLPipeline`` (both text encoders, pooled-text and
+    size conditioning), any other a ``StableDiffusionPipeline``; the run's weights go in the
+    same way for both: a full fine-tune's ``unet/`` replaces the UNet, a LoRA's
+    ``pytorch_lora_weights.safetensors`` loads through ``load_lora_weights`` (text-encoder
+    LoRA layers included). A full run that trained the text encoder also has
+    ``text_encoder/``: it replaces ``parts.text_encoder`` in place, like a LoRA, so
+    ``encode_prompts(parts, ...)`` sees the tuned encoder too.
+    """
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-        StableDiffusionPipeline,
-    )
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from transformers import CLIPTextModel
 
     with tempfile.TemporaryDirectory(prefix="sd-eval-") as tmp:
         weights = store.download_dir(final_prefix(run_id), Path(tmp))
         unet = parts.unet
         if method == "full":
-            unet = UNet2DConditionModel.from_pretrained(
+            unet = _frozen(UNet2DConditionModel.from_pretrained(
                 weights / "unet", use_safetensors=True, local_files_only=True
-            )
-            unet.requires_grad_(False)
-            unet.eval()
-            unet.to(device)  # type: ignore[arg-type]  # mypy misreads the wrapped .to
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
-            safety_checker=None,  # type: ignore[arg-type]
-            feature_extractor=None,  # type: ignore[arg-type]
-            requires_safety_checker=False,
-        )
+            ), device)
+            if (weights / "text_encoder").is_dir():
+                parts.text_encoder = _frozen(CLIPTextModel.from_pretrained(
+                    weights / "text_encoder", use_safetensors=True, local_files_only=True
+                ), device)
+        pipe = _sampling_pipeline(parts, unet, DDIMScheduler.from_config(parts.noise_scheduler.config))
         if method == "lora":
-            pipe.load_lora_weights(weights)
+            if not (weights / LORA_WEIGHTS_FILE).is_file():
+                raise FileNotFoundError(
+                    f"run {run_id!r} is a LoRA run but {store.uri(final_prefix(run_id))} holds no "
+                    f"{LORA_WEIGHTS_FILE}; retrain it"
+                )
+            pipe.load_lora_weights(weights, weight_name=LORA_WEIGHTS_FILE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _frozen(module: Any, device: torch.device) -> Any:
+    module.requires_grad_(False)
+    module.eval()
+    return module.to(device)
+
+
+def _sampling_pipeline(
+    parts: SDComponents, unet: UNet2DConditionModel, scheduler: Any
+) -> SamplingPipeline:
+    """A diffusers pipeline over already loaded parts: SDXL's when the base is SDXL."""
+    if parts.is_sdxl:
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+            StableDiffusionXLPipeline,
+        )
+
+        return StableDiffusionXLPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2,  # type: ignore[arg-type]  # is_sdxl: not None
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,  # type: ignore[arg-type]
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,  # an invisible watermark would change the measured pictures
+        )
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
+
+    return StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
+    )
 
 
 def _check_timesteps(timesteps: list[int], scheduler: DDPMScheduler) -> None:

@@ -1,4 +1,4 @@
-"""The registered model: a diffusers Stable Diffusion pipeline behind MLflow's pyfunc API.
+"""The registered model: a diffusers SD 1.x/2.x or SDXL pipeline behind MLflow's pyfunc API.
 
 MLflow logs this file as code ("models from code") and runs it when the model loads, so it
 imports nothing from ``sd_pipeline``: a serving environment needs only mlflow, diffusers,
@@ -10,6 +10,7 @@ holds PNG bytes (the MLflow scoring server sends them base64-encoded).
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ DEFAULT_GUIDANCE = 7.5
 
 
 class StableDiffusionModel(PythonModel):
-    """Loads the base pipeline, then the fine-tuned LoRA weights or full UNet on top."""
+    """Loads the base pipeline (SDXL's when the base is SDXL), then the fine-tuned LoRA weights
+    or full UNet (and text encoder, when the run trained it) on top."""
 
     def load_context(self, context: Any) -> None:
         import torch
-        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         base = Path(context.artifacts[BASE_MODEL])
         weights = Path(context.artifacts[WEIGHTS])
@@ -41,12 +43,18 @@ class StableDiffusionModel(PythonModel):
             kwargs["unet"] = UNet2DConditionModel.from_pretrained(
                 weights / "unet", dtype=dtype, use_safetensors=True
             )
+            if (weights / "text_encoder").is_dir():  # the run trained the text encoder too
+                from transformers import CLIPTextModel
+
+                kwargs["text_encoder"] = CLIPTextModel.from_pretrained(
+                    weights / "text_encoder", dtype=dtype, use_safetensors=True
+                )
         elif not lora.is_file():
             raise FileNotFoundError(
                 f"fine-tuned weights in {weights} hold neither unet/ nor {LORA_WEIGHTS_FILE}; "
                 "log the run's final/ folder as the weights"
             )
-        pipe = StableDiffusionPipeline.from_pretrained(base, **kwargs)
+        pipe = pipeline_class(base).from_pretrained(base, **kwargs)
         if "unet" not in kwargs:
             pipe.load_lora_weights(str(weights), weight_name=LORA_WEIGHTS_FILE)
             # Merged into the base weights, LoRA costs nothing per step; unmerged PEFT
@@ -79,6 +87,27 @@ class StableDiffusionModel(PythonModel):
             image.save(buf, format="PNG")
             images.append(buf.getvalue())
         return pd.DataFrame({"image": images})
+
+
+def pipeline_class(base: Path) -> Any:
+    """The diffusers pipeline class for a base folder, from ``model_index.json``'s ``_class_name``.
+
+    Only the two this project trains: ``StableDiffusionXLPipeline`` for SDXL bases,
+    ``StableDiffusionPipeline`` for SD 1.x/2.x; anything else is refused rather than run
+    through whatever class the folder names.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = Path(base) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if name.startswith("StableDiffusionXL"):
+        return StableDiffusionXLPipeline
+    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
+        return StableDiffusionPipeline
+    raise ValueError(
+        f"base model {base} is a {name or 'pipeline without _class_name'} ({index}); this model serves "
+        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) bases"
+    )
 
 
 def _value(row: pd.Series, column: str, default: Any) -> Any:

@@ -294,6 +294,12 @@ def open_client(cfg: RegistryConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
 
 
+def tracking_run(cfg: RegistryConfig, run_id: str) -> tuple[MlflowClient, str]:
+    """The MLflow run of pipeline run ``run_id`` (created on first use): stages log into it."""
+    client = open_client(cfg)
+    return client, _find_or_create_run(client, _experiment_id(client, cfg), run_id)
+
+
 def log_and_register(
     cfg: RegistryConfig,
     *,

@@ -1,8 +1,9 @@
 """Training checkpoints in the store: trainable weights, optimizer and RNG states, resumable.
 
-``runs/<run_id>/checkpoints/step-N/`` holds ``trainable.safetensors``, ``training_state.pt``
-(read back with ``weights_only=True``) and ``state.json``; ``_COMMITTED`` is written last
-and only the newest ``KEEP`` committed checkpoints are kept.
+``runs/<run_id>/checkpoints/step-N/`` holds ``trainable.safetensors`` (and ``ema.safetensors``),
+``training_state.pt`` (optimizer, LR schedule, grad scaler and RNG states, read back with
+``weights_only=True``) and ``state.json`` (fingerprint, data position, recent losses);
+``_COMMITTED`` is written last and only the newest ``keep`` committed checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,7 +39,9 @@ class Checkpoint:
     step: int
     trainable: Mapping[str, torch.Tensor]
     optimizer: dict[str, Any]
-    state: dict[str, Any]  # JSON: fingerprint, recent losses
+    state: dict[str, Any]  # JSON: fingerprint, recent losses, data position
+    ema: Mapping[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # LR scheduler, grad scaler states
 
 
 def committed_steps(store: Store, run_id: str) -> list[int]:
@@ -53,8 +56,8 @@ def committed_steps(store: Store, run_id: str) -> list[int]:
     return sorted(steps)
 
 
-def save_checkpoint(store: Store, run_id: str, ckpt: Checkpoint) -> str:
-    """Upload and commit one checkpoint, drop older ones beyond ``KEEP``; returns its prefix."""
+def save_checkpoint(store: Store, run_id: str, ckpt: Checkpoint, keep: int = KEEP) -> str:
+    """Upload and commit one checkpoint, drop older ones beyond ``keep``; returns its prefix."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -73,6 +76,7 @@ def save_checkpoint(store: Store, run_id: str, ckpt: Checkpoint) -> str:
             "cached_gaussian": float(np_gauss),
         },
         "python_rng": random.getstate(),
+        "extra": ckpt.extra,
     }
     store.delete_prefix(prefix)  # leftovers of a crashed attempt at this step
     with tempfile.TemporaryDirectory(prefix="sd-ckpt-") as tmp:
@@ -81,11 +85,15 @@ def save_checkpoint(store: Store, run_id: str, ckpt: Checkpoint) -> str:
             {k: v.detach().cpu().contiguous() for k, v in ckpt.trainable.items()},
             folder / "trainable.safetensors",
         )
+        if ckpt.ema is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in ckpt.ema.items()}, folder / "ema.safetensors"
+            )
         torch.save(training_state, folder / "training_state.pt")
         (folder / "state.json").write_text(json.dumps({"step": ckpt.step, **ckpt.state}))
         store.upload_dir(folder, prefix)
     store.commit(prefix, {"step": ckpt.step})
-    for old in committed_steps(store, run_id)[:-KEEP]:
+    for old in committed_steps(store, run_id)[:-keep]:
         delete_checkpoint(store, run_id, old)
     return prefix
 
@@ -109,6 +117,8 @@ def load_checkpoint(store: Store, run_id: str, step: int) -> Checkpoint:
         path = store.get_file(f"{prefix}/training_state.pt", Path(tmp) / "training_state.pt")
         training_state = torch.load(path, map_location="cpu", weights_only=True)
     state = store.get_json(f"{prefix}/state.json")
+    ema_key = f"{prefix}/ema.safetensors"
+    ema = load(store.get_bytes(ema_key)) if store.exists(ema_key) else None
 
     torch.set_rng_state(training_state["torch_rng"])
     np_rng = training_state["numpy_rng"]
@@ -124,5 +134,10 @@ def load_checkpoint(store: Store, run_id: str, step: int) -> Checkpoint:
     py_state = training_state["python_rng"]
     random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
     return Checkpoint(
-        step=step, trainable=trainable, optimizer=training_state["optimizer"], state=state
+        step=step,
+        trainable=trainable,
+        optimizer=training_state["optimizer"],
+        state=state,
+        ema=ema,
+        extra=training_state.get("extra") or {},
     )

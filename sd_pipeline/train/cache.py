@@ -1,0 +1,383 @@
+"""The latent cache: VAE latents and text embeddings of dataset versions, computed once, in the store.
+
+Training a UNet never needs pixels or caption strings, only what the frozen VAE encoder and
+text encoders make of them. Those are computed once per fingerprint of everything that
+shapes them (dataset versions, base model digest, resolution, bucket config) and written to
+``cache/<dataset>/<fingerprint>/`` as safetensors shards, ``_COMMITTED`` last:
+
+- ``captions.safetensors``: one embedding per distinct caption (``hidden``, SDXL's ``pooled``)
+  and the empty caption's (for caption dropout); ``captions.json`` lists the captions.
+- ``<split>/<H>x<W>-<n>.safetensors``: per bucket, the latent distribution of each image
+  (``mean``, ``std``: a fresh latent is drawn from it every step, as the VAE would), the
+  row of its caption, its original size and crop (SDXL's micro-conditioning).
+
+Later runs (other learning rates, methods, steps) read the shards and load neither the VAE
+nor a text encoder. The build streams: memory holds one shard per bucket, not the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd_pipeline.ingest.shards import ShardSample
+from sd_pipeline.train.buckets import Bucket, cover_and_crop, make_buckets, nearest_bucket
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from sd_pipeline.config import PipelineConfig
+    from sd_pipeline.models.base import SDComponents
+    from sd_pipeline.storage import Store
+
+log = logging.getLogger("sd_pipeline.cache")
+
+CACHE_FORMAT = 1
+SHARD_SAMPLES = 1024  # images per cache shard file
+ENCODE_BATCH = 16
+SPLITS = ("train", "holdout")
+
+
+class EmptySplitError(ValueError):
+    """The split to train or evaluate on holds no samples."""
+
+
+def cache_fingerprint(config: PipelineConfig, versions: list[str], base_digest: str) -> str:
+    """Hash of everything that shapes the cached tensors (and nothing that does not)."""
+    payload = {
+        "format": CACHE_FORMAT,
+        "dataset": config.dataset.name,
+        "versions": list(versions),
+        "base_model_sha256": base_digest,
+        "resolution": config.dataset.resolution,
+        "buckets": [b.name for b in buckets_for(config)],
+        "text_cached": not config.train.train_text_encoder,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def buckets_for(config: PipelineConfig) -> list[Bucket]:
+    tc = config.train
+    return make_buckets(config.dataset.resolution, tc.bucket_step, tc.bucket_max_aspect, tc.buckets)
+
+
+def cache_prefix(dataset: str, fingerprint: str) -> str:
+    return f"cache/{dataset}/{fingerprint}"
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class BucketData:
+    bucket: Bucket
+    keys: list[str]
+    mean: torch.Tensor  # [n, C, h, w] unscaled VAE latents
+    std: torch.Tensor
+    caption_index: torch.Tensor  # [n] -> row of Captions.hidden
+    original_size: torch.Tensor  # [n, 2] (height, width) of the image before the bucket resize
+    crop_top_left: torch.Tensor  # [n, 2]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class Captions:
+    texts: list[str]
+    hidden: torch.Tensor  # [K, T, D]
+    pooled: torch.Tensor | None  # [K, P] for SDXL
+    empty_hidden: torch.Tensor  # [T, D]
+    empty_pooled: torch.Tensor | None
+
+
+@dataclass
+class LatentCache:
+    fingerprint: str
+    uri: str
+    index: dict[str, Any]
+    captions: Captions
+    splits: dict[str, list[BucketData]] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[BucketData]:
+        data = [b for b in self.splits.get(name, []) if len(b)]
+        if not data:
+            raise EmptySplitError(
+                f"the cached dataset ({', '.join(self.index['versions'])}) has no samples with split "
+                f"{name!r}; check dataset.holdout_fraction and the ingest output"
+            )
+        return data
+
+
+def load_cache(store: Store, prefix: str, splits: Iterable[str] = SPLITS) -> LatentCache:
+    import torch
+    from safetensors.torch import load
+
+    index = store.get_json(f"{prefix}/index.json")
+    raw = load(store.get_bytes(f"{prefix}/captions.safetensors"))
+    texts = json.loads(store.get_bytes(f"{prefix}/captions.json"))
+    captions = Captions(
+        texts=texts,
+        hidden=raw["hidden"],
+        pooled=raw.get("pooled"),
+        empty_hidden=raw["empty_hidden"][0],
+        empty_pooled=raw["empty_pooled"][0] if "empty_pooled" in raw else None,
+    )
+    cache = LatentCache(index["fingerprint"], store.uri(prefix), index, captions)
+    for split in splits:
+        buckets = []
+        for name, entry in sorted(index["splits"].get(split, {}).items()):
+            parts = [load(store.get_bytes(f"{prefix}/{split}/{shard}")) for shard in entry["shards"]]
+            buckets.append(
+                BucketData(
+                    bucket=Bucket.parse(name),
+                    keys=[k for shard in entry["keys"] for k in shard],
+                    **{
+                        f: torch.cat([p[f] for p in parts])
+                        for f in ("mean", "std", "caption_index", "original_size", "crop_top_left")
+                    },
+                )
+            )
+        cache.splits[split] = buckets
+    return cache
+
+
+# -- building -----------------------------------------------------------------------------
+
+
+def decode_to_bucket(jpeg: bytes, buckets: list[Bucket], key: str = "?") -> tuple[Bucket, np.ndarray, tuple]:
+    """JPEG -> (bucket, float32 CHW pixels in [-1, 1], ((orig h, w), (crop top, left)))."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(jpeg)) as img:
+            rgb = img.convert("RGB")
+    except Exception as err:
+        raise ValueError(f"sample {key!r}: image does not decode ({err})") from None
+    w, h = rgb.size
+    bucket = nearest_bucket(buckets, w, h)
+    (rw, rh), (top, left) = cover_and_crop(w, h, bucket)
+    if (rw, rh) != (w, h):
+        rgb = rgb.resize((rw, rh), Image.Resampling.BICUBIC)
+    rgb = rgb.crop((left, top, left + bucket.width, top + bucket.height))
+    pixels = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+    return bucket, pixels.transpose(2, 0, 1).copy(), ((h, w), (top, left))
+
+
+class _BucketWriter:
+    """Encodes one (split, bucket)'s images in batches and writes shards of SHARD_SAMPLES."""
+
+    def __init__(self, split: str, bucket: Bucket, vae: Any, out: Path) -> None:
+        self.split, self.bucket, self.vae, self.out = split, bucket, vae, out
+        self.pending: list[tuple[str, np.ndarray, int, tuple]] = []
+        self.rows: dict[str, list] = {f: [] for f in ("keys", "mean", "std", "caption_index", "size", "crop")}
+        self.shards: list[str] = []
+        self.shard_keys: list[list[str]] = []
+        self.count = 0
+
+    def add(self, key: str, pixels: np.ndarray, caption_row: int, geometry: tuple) -> None:
+        self.pending.append((key, pixels, caption_row, geometry))
+        if len(self.pending) == ENCODE_BATCH:
+            self._encode()
+
+    def _encode(self) -> None:
+        import numpy as np
+        import torch
+
+        if not self.pending:
+            return
+        pixels = torch.from_numpy(np.stack([p for _, p, _, _ in self.pending]))
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        self.rows["mean"].append(dist.mean.float().cpu())
+        self.rows["std"].append(dist.std.float().cpu())
+        for key, _, row, (size, crop) in self.pending:
+            self.rows["keys"].append(key)
+            self.rows["caption_index"].append(row)
+            self.rows["size"].append(size)
+            self.rows["crop"].append(crop)
+        self.count += len(self.pending)
+        self.pending.clear()
+        if len(self.rows["keys"]) >= SHARD_SAMPLES:
+            self._write()
+
+    def _write(self) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        if not self.rows["keys"]:
+            return
+        name = f"{self.bucket.name}-{len(self.shards):05d}.safetensors"
+        (self.out / self.split).mkdir(parents=True, exist_ok=True)
+        save_file(
+            {
+                "mean": torch.cat(self.rows["mean"]).contiguous(),
+                "std": torch.cat(self.rows["std"]).contiguous(),
+                "caption_index": torch.tensor(self.rows["caption_index"], dtype=torch.long),
+                "original_size": torch.tensor(self.rows["size"], dtype=torch.long),
+                "crop_top_left": torch.tensor(self.rows["crop"], dtype=torch.long),
+            },
+            self.out / self.split / name,
+        )
+        self.shards.append(name)
+        self.shard_keys.append(list(self.rows["keys"]))
+        for rows in self.rows.values():
+            rows.clear()
+
+    def finish(self) -> dict[str, Any]:
+        self._encode()
+        self._write()
+        return {"samples": self.count, "shards": self.shards, "keys": self.shard_keys}
+
+
+def build_cache(
+    samples: Iterable[ShardSample],
+    parts: SDComponents,
+    buckets: list[Bucket],
+    out: Path,
+    *,
+    cache_text: bool = True,
+) -> dict[str, Any]:
+    """Encode ``samples`` into cache files under ``out``; returns the index (without identity)."""
+    from safetensors.torch import save_file
+
+    from sd_pipeline.models.conditioning import encode_prompts
+
+    writers: dict[tuple[str, Bucket], _BucketWriter] = {}
+    caption_rows: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for sample in samples:
+        split = str(sample.meta.get("split", "train"))
+        if split not in SPLITS:
+            skipped[split] = skipped.get(split, 0) + 1
+            continue
+        bucket, pixels, geometry = decode_to_bucket(sample.image, buckets, sample.key)
+        writer = writers.get((split, bucket))
+        if writer is None:
+            writer = writers[(split, bucket)] = _BucketWriter(split, bucket, parts.vae, out)
+        row = caption_rows.setdefault(sample.caption, len(caption_rows))
+        writer.add(sample.key, pixels, row, geometry)
+    if not writers:
+        raise EmptySplitError("the dataset versions hold no samples to cache")
+    splits: dict[str, dict[str, Any]] = {}
+    for (split, bucket), writer in sorted(writers.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        splits.setdefault(split, {})[bucket.name] = writer.finish()
+
+    texts = list(caption_rows)  # insertion order = row order
+    tensors: dict[str, torch.Tensor] = {}
+    if cache_text:
+        cond = encode_prompts(parts, texts)
+        empty = encode_prompts(parts, [""])
+        tensors = {"hidden": cond.hidden, "empty_hidden": empty.hidden}
+        if cond.pooled is not None and empty.pooled is not None:
+            tensors |= {"pooled": cond.pooled, "empty_pooled": empty.pooled}
+    else:  # the text encoder trains: captions are encoded every step
+        import torch
+
+        tensors = {"hidden": torch.zeros(len(texts), 0, 0), "empty_hidden": torch.zeros(1, 0, 0)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "captions.safetensors")
+    (out / "captions.json").write_text(json.dumps(texts))
+    return {
+        "splits": splits,
+        "captions": len(texts),
+        "text_cached": cache_text,
+        "skipped_splits": skipped,
+        "buckets": {
+            split: {name: entry["samples"] for name, entry in entries.items()}
+            for split, entries in splits.items()
+        },
+    }
+
+
+def iter_version_samples(store: Store, dataset: str, versions: list[str]) -> Iterator[ShardSample]:
+    """The samples of several versions in order; an image (by sha256) seen before is skipped."""
+    from sd_pipeline.ingest.versions import iter_samples
+
+    seen: set[str] = set()
+    for version in versions:
+        for sample in iter_samples(store, dataset, version):
+            digest = str(sample.meta.get("sha256") or hashlib.sha256(sample.image).hexdigest())
+            if digest in seen:
+                continue
+            seen.add(digest)
+            yield sample
+
+
+def ensure_cache(
+    config: PipelineConfig,
+    store: Store,
+    versions: list[str],
+    base_path: Path,
+    *,
+    parts: SDComponents | None = None,
+    splits: Iterable[str] = SPLITS,
+    rebuild: bool = False,
+) -> tuple[LatentCache, dict[str, Any]]:
+    """Load the cache of (versions, base model, resolution, buckets); build it on a miss.
+
+    Returns the cache and a summary: ``fingerprint, uri, hit, seconds, samples, buckets``.
+    ``parts`` are loaded encoders to build with (loaded here on a miss when not given).
+    """
+    from sd_pipeline.models.base import model_digest
+
+    fingerprint = cache_fingerprint(config, versions, model_digest(base_path))
+    prefix = cache_prefix(config.dataset.name, fingerprint)
+    hit = store.is_committed(prefix) and not rebuild
+    t0 = time.perf_counter()
+    if not hit:
+        if parts is None:
+            import torch
+
+            from sd_pipeline.models.base import load_components
+
+            parts = load_components(base_path, dtype=torch.float32)
+            parts.freeze(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        log.info("latent cache %s: building for %s/%s", fingerprint, config.dataset.name, ",".join(versions))
+        store.delete_prefix(prefix)  # leftovers of a crashed build, or a forced rebuild
+        with tempfile.TemporaryDirectory(prefix="sd-cache-") as tmp:
+            index = build_cache(
+                iter_version_samples(store, config.dataset.name, versions),
+                parts,
+                buckets_for(config),
+                Path(tmp),
+                cache_text=not config.train.train_text_encoder,
+            )
+            index |= {
+                "fingerprint": fingerprint,
+                "dataset": config.dataset.name,
+                "versions": list(versions),
+                "base_model": str(base_path),
+                "resolution": config.dataset.resolution,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            (Path(tmp) / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            store.upload_dir(Path(tmp), prefix)
+        store.commit(prefix, {"fingerprint": fingerprint})
+    cache = load_cache(store, prefix, splits)
+    if cache.index.get("text_cached", True) != (not config.train.train_text_encoder):
+        raise ValueError(
+            f"latent cache {cache.uri} was built with text_cached={cache.index.get('text_cached')}; "
+            "rebuild it (sd-pipeline cache --rebuild)"
+        )
+    summary = {
+        "fingerprint": fingerprint,
+        "uri": store.uri(prefix),
+        "hit": hit,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "build_seconds": cache.index.get("seconds"),
+        "samples": {s: sum(len(b) for b in cache.splits.get(s, [])) for s in cache.splits},
+        "buckets": cache.index.get("buckets"),
+        "captions": cache.index.get("captions"),
+    }
+    log.info("latent cache %s (%s): %s", fingerprint, "hit" if hit else "built", summary["samples"])
+    return cache, summary
