@@ -177,6 +177,30 @@ def cache(config: PipelineConfig, run_id: str, rebuild: bool = False) -> dict[st
     return {"run_id": run_id, "versions": versions, **summary}
 
 
+def invalidate_cache(config: PipelineConfig) -> dict[str, Any]:
+    """Unpublish the latent cache of the config's inputs, so the next cache step recomputes it.
+
+    For a cache built with a broken encoder or from a base model replaced in place; the
+    marker goes first, so no reader ever sees a half-deleted cache.
+    """
+    from sd_pipeline.models.base import default_cache_dir, model_digest, resolve_base_model
+    from sd_pipeline.storage import COMMITTED
+    from sd_pipeline.train.cache import cache_fingerprint, cache_prefix
+    from sd_pipeline.train.trainer import dataset_versions
+
+    store = store_for(config)
+    versions = dataset_versions(store, config)
+    base = resolve_base_model(
+        config.model.base, default_cache_dir(), endpoint_url=config.storage.endpoint_url
+    )
+    prefix = cache_prefix(config.dataset.name, cache_fingerprint(config, versions, model_digest(base)))
+    existed = store.is_committed(prefix)
+    store.delete_prefix(f"{prefix}/{COMMITTED}")
+    removed = store.delete_prefix(prefix)
+    log.info("latent cache %s %s", store.uri(prefix), "unpublished" if existed else "was not built")
+    return {"cache_uri": store.uri(prefix), "existed": existed, "objects_removed": removed}
+
+
 def train(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     from sd_pipeline.train.trainer import train as run_training
 

@@ -203,3 +203,29 @@ def test_the_api_server_shows_the_links_and_serves_the_reports(demo_home: tuple[
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
+
+
+def test_rebuild_cache_dag_recomputes_the_runs_cache(demo_home: tuple[Path, str]) -> None:
+    """The operations DAG a user runs after replacing a base model in place."""
+    home, _ = demo_home
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "SD_PIPELINE_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "SD_PIPELINE_CONFIG": str(REPO / "configs" / "demo.yaml"),
+        "SD_PIPELINE_NO_PROGRESS": "1",
+    }
+    caches = sorted((home / "store" / "cache" / "shapes").glob("*/index.json"))
+    assert len(caches) == 1, "the demo's training built one latent cache"
+    before = json.loads(caches[0].read_text())
+    airflow = Path(sys.executable).with_name("airflow")
+    out = subprocess.run(
+        [str(airflow), "dags", "test", "sd_rebuild_cache"], env=env, capture_output=True, text=True,
+        timeout=600, cwd=REPO,
+    )
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert (caches[0].parent / "_COMMITTED").exists()
+    after = json.loads(caches[0].read_text())
+    assert after["fingerprint"] == before["fingerprint"] and after["buckets"] == before["buckets"]
+    assert after["built_at"] > before["built_at"]  # rebuilt, same identity

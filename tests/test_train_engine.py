@@ -251,3 +251,20 @@ def test_impossible_settings_fail_before_loading(tmp_path: Path, tiny_sd: Path) 
         config, _ = workspace(tmp_path / "b", tiny_sd, **{"train.optimizer": "adamw8bit"})
         with pytest.raises(ValueError, match="needs bitsandbytes"):
             train(config, "eight-bit")
+
+
+def test_a_config_that_cannot_fit_is_refused_with_what_would(tiny_sd: Path) -> None:
+    from sd_pipeline.config import TrainConfig
+    from sd_pipeline.train.memory import GIB, check_fits, estimate
+
+    full = TrainConfig(method="full", batch_size=64)
+    est = estimate(tiny_sd, full, 1024, "bf16")
+    lora = estimate(tiny_sd, TrainConfig(method="lora", batch_size=64), 1024, "bf16")
+    assert lora.trainable < est.trainable / 10  # LoRA trains a sliver of the UNet
+    checkpointed = TrainConfig(method="full", batch_size=64, gradient_checkpointing=True)
+    light = estimate(tiny_sd, checkpointed, 1024, "bf16")
+    assert light.activations_per_sample < est.activations_per_sample
+    capacity = est.weights + est.trainable + est.optimizer + 10 * est.activations_per_sample
+    with pytest.raises(MemoryError, match=r"lower train\.batch_size to 10 .*gradient_checkpointing"):
+        check_fits(est, capacity, "training tiny at 1024 px")
+    check_fits(est, est.total + GIB, "training tiny at 1024 px")  # fits: no error

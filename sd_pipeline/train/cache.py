@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -359,6 +360,7 @@ def ensure_cache(
                 "base_model": str(base_path),
                 "resolution": config.dataset.resolution,
                 "seconds": round(time.perf_counter() - t0, 3),
+                "built_at": datetime.now(UTC).isoformat(timespec="microseconds"),
             }
             (Path(tmp) / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
             store.upload_dir(Path(tmp), prefix)

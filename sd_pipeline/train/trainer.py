@@ -147,6 +147,15 @@ class _Run:
         base_path = resolve_base_model(
             config.model.base, default_cache_dir(), endpoint_url=config.storage.endpoint_url
         )
+        if self.device.type == "cuda":  # refuse what cannot fit before loading anything
+            from sd_pipeline.train.memory import check_fits, estimate
+
+            capacity = torch.cuda.get_device_properties(self.device).total_memory
+            check_fits(
+                estimate(base_path, tc, config.dataset.resolution, self.precision.name),
+                capacity,
+                f"training {config.model.base} ({tc.method}) at {config.dataset.resolution} px",
+            )
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
