@@ -41,6 +41,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
 
 def _emit(result: dict[str, Any], args: argparse.Namespace) -> None:
     """JSON on stdout (one object) unless a person is reading a terminal without --json."""
+    if os.environ.get("RANK", "0") != "0":  # one of several training processes: rank 0 reports
+        return
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if getattr(args, "result_file", None):
         Path(args.result_file).write_text(text)
@@ -113,6 +115,21 @@ def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
 
     config = _config(args)
     return stages.register(config, _run_id(args, config))
+
+
+def cmd_reevaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """With --model-version and --prompt-set: the whole re-evaluation; with --config (a stored
+    re-evaluation config) and --run-id: only its evaluation, as the sd_reevaluate DAG runs it."""
+    from sd_pipeline.registry import reevaluate
+
+    config = _config(args)
+    if args.model_version:
+        if not args.prompt_set:
+            raise ConfigError("reevaluate --model-version needs --prompt-set (a shipped name or a YAML file)")
+        return reevaluate.run_all(config, args.model_version, args.prompt_set, by=args.by)
+    if not args.run_id:
+        raise ConfigError("reevaluate needs --model-version and --prompt-set (or --config and --run-id)")
+    return reevaluate.reevaluate(config, args.run_id)
 
 
 def _whoami() -> str:
@@ -220,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         run_id=True,
     )
     add("register", cmd_register, "log a run to MLflow and register its model", run_id=True)
+    reeval = add(
+        "reevaluate",
+        cmd_reevaluate,
+        "evaluate a registered version on another prompt set; metrics go to its MLflow run as reeval.<set>.*",
+        run_id=True,
+    )
+    reeval.add_argument("--model-version", help="version number or alias (champion) of registry.model_name")
+    reeval.add_argument("--prompt-set", help="shipped prompt set name or a YAML file (path, file://, s3://)")
+    reeval.add_argument("--by", default="", help="who asks (recorded as a tag)")
     promote = add(
         "promote",
         cmd_promote,

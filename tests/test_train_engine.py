@@ -268,3 +268,26 @@ def test_a_config_that_cannot_fit_is_refused_with_what_would(tiny_sd: Path) -> N
     with pytest.raises(MemoryError, match=r"lower train\.batch_size to 10 .*gradient_checkpointing"):
         check_fits(est, capacity, "training tiny at 1024 px")
     check_fits(est, est.total + GIB, "training tiny at 1024 px")  # fits: no error
+
+
+def test_two_processes_train_one_run_with_ddp(tmp_path: Path, tiny_sd: Path) -> None:
+    """What `accelerate launch` does on a multi-GPU pod, on CPU: two ranks, gloo, one result."""
+    config, store = workspace(tmp_path, tiny_sd, **{
+        "train.steps": 4, "train.batch_size": 2, "train.checkpoint_every": 2,
+    })
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.to_json())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    from conftest import free_port
+
+    out = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "sd_pipeline.cli",
+         "train", "--config", str(config_file), "--run-id", "ddp"],
+        env={**os.environ, "SD_PIPELINE_NO_PROGRESS": "1", "SD_PIPELINE_HOME": str(tmp_path / "home")},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = store.get_json("runs/ddp/final/metadata.json")
+    assert meta["processes"] == 2 and meta["effective_batch_size"] == 4
+    assert out.stdout.count('"run_id": "ddp"') == 1  # only rank 0 reports
+    assert committed_steps(store, "ddp") == [2, 4]
