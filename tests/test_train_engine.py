@@ -291,3 +291,27 @@ def test_two_processes_train_one_run_with_ddp(tmp_path: Path, tiny_sd: Path) -> 
     assert meta["processes"] == 2 and meta["effective_batch_size"] == 4
     assert out.stdout.count('"run_id": "ddp"') == 1  # only rank 0 reports
     assert committed_steps(store, "ddp") == [2, 4]
+
+
+def test_metrics_and_validation_images_reach_the_runs_mlflow_run(tmp_path: Path, tiny_sd: Path) -> None:
+    from mlflow import MlflowClient
+
+    from sd_pipeline.registry.tracking import RUN_TAG
+
+    config, _ = workspace(tmp_path, tiny_sd, **{
+        "train.steps": 4, "train.log_every": 2, "train.validate_every": 4,
+    })
+    train(config, "watched")
+    client = MlflowClient(tracking_uri=config.registry.tracking_uri)
+    experiment = client.get_experiment_by_name(config.registry.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'watched'")
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    history = client.get_metric_history(run_id, "train.loss")
+    assert [m.step for m in history] == [2, 4]
+    for name in ("train.lr", "train.grad_norm", "train.samples_per_s", "train.memory_bytes"):
+        assert client.get_metric_history(run_id, name), name
+    images = [a.path for a in client.list_artifacts(run_id, "validation")]
+    assert images == ["validation/step-0000004.png"]
+    png = Image.open(client.download_artifacts(run_id, images[0], str(tmp_path)))
+    assert png.size == (2 * 64, 64)  # one image per evaluation prompt (two here), 64 px

@@ -39,6 +39,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LOSS_WINDOW = 10  # final_loss is the mean of the last LOSS_WINDOW step losses
+WARMUP_STEPS = 5  # steps left out of the steady-state samples/s
 # Train-config fields that change how a run is watched or kept, never its weights.
 NOT_IN_FINGERPRINT = ("steps", "checkpoint_every", "checkpoints_keep", "log_every", "validate_every")
 
@@ -297,6 +298,10 @@ class _Run:
         )
         every = max(1, tc.steps // 10)
         samples = 0
+        # Steady state excludes the first steps (allocator and kernel warm-up), as benchmarks do.
+        warm_steps = min(WARMUP_STEPS, max(1, (tc.steps - start) // 5))
+        self.steady: tuple[float, int] | None = None
+        self.steady_rate: float | None = None
         with _deterministic(self.device):
             for module in self.modules.values():
                 module.train()
@@ -304,6 +309,8 @@ class _Run:
             for step in range(start + 1, tc.steps + 1):
                 loss, grad_norm, n = self._step(step)
                 samples += n * acc.num_processes
+                if step == start + warm_steps:
+                    self.steady = (time.perf_counter(), samples)
                 recent = (recent + [loss])[-LOSS_WINDOW:]
                 if not np.isfinite(loss):
                     raise FloatingPointError(
@@ -339,6 +346,9 @@ class _Run:
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self._save_checkpoint(step, recent)
             seconds = time.perf_counter() - t0
+            if self.steady is not None and samples > self.steady[1]:
+                t_warm, s_warm = self.steady
+                self.steady_rate = (samples - s_warm) / max(time.perf_counter() - t_warm, 1e-9)
         monitor.close()
         return self._finish(start, seconds, samples, recent)
 
@@ -570,6 +580,7 @@ class _Run:
         metadata = {
             **summary,
             "resumed_from_step": start,
+            "steady_samples_per_s": round(self.steady_rate, 3) if self.steady_rate else None,
             "batch_size": tc.batch_size,
             "effective_batch_size": tc.batch_size * tc.gradient_accumulation_steps * self.acc.num_processes,
             "processes": self.acc.num_processes,

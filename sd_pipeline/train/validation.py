@@ -23,7 +23,7 @@ def validation_grid(config: PipelineConfig, base_path: Path, unet: Any, device: 
     prompts = load_prompt_set(ev.prompt_set, ev.prompts, endpoint_url=config.storage.endpoint_url).prompts
     was_training = unet.training
     pipe = DiffusionPipeline.from_pretrained(
-        base_path, unet=unet, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32
+        base_path, unet=unet, local_files_only=True, use_safetensors=True, dtype=torch.float32
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
