@@ -252,14 +252,34 @@ class SafetyConfig(_Section):
     )
 
 
+class BaseModelChoice(_Section):
+    """A base model users may pick in the trigger form."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="Short id, shown in run configs.")
+    title: str = Field(min_length=1, description="What the form shows, e.g. 'Stable Diffusion 1.5'.")
+    base: str = Field(description="Local path, s3:// prefix or Hugging Face id, as model.base.")
+
+
 class ModelConfig(_Section):
     base: str = Field(
         "${SD_PIPELINE_HOME}/models/tiny-sd",
-        description="Base model in diffusers format: a local path or an s3:// prefix.",
+        description="Base model in diffusers format: a local path, an s3:// prefix or a Hugging Face id.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Override the scheduler's prediction type; None keeps the model's."
     )
+    choices: list[BaseModelChoice] = Field(
+        default_factory=list,
+        description="Base models the sd_train form offers (by title); model.base is the default pick "
+        "and is offered too when it is not among them.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_choices(self) -> ModelConfig:
+        names = [c.name for c in self.choices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model.choices names must be unique; got {names}")
+        return self
 
 
 class TrainConfig(_Section):

@@ -35,7 +35,7 @@ def _airflow_bin() -> str:
 
 def setup_embedded_home(config: PipelineConfig) -> dict[str, Any]:
     """Make the raw data, the tiny base model and the Airflow DB; each only once."""
-    from sd_pipeline.models.tiny import build_tiny_sd
+    from sd_pipeline.models.tiny import build_tiny_model
     from sd_pipeline.synthetic import all_captions, generate_shapes_dataset
 
     home = EmbeddedHome.from_env()
@@ -45,10 +45,20 @@ def setup_embedded_home(config: PipelineConfig) -> dict[str, Any]:
     if _inside(raw, home.root):
         generate_shapes_dataset(raw)
         made["raw_data"] = str(raw)
-    base = Path(config.model.base)
-    if not config.model.base.startswith("s3://") and _inside(base, home.root):
-        build_tiny_sd(base, all_captions())
-        made["base_model"] = str(base)
+    # The tiny models the config names inside the home: its base and the form's choices.
+    kinds = {home.base_model: "sd", home.base_model_sdxl: "sdxl"}
+    for uri in dict.fromkeys([config.model.base, *(c.base for c in config.model.choices)]):
+        base = Path(uri)
+        if uri.startswith("s3://") or not _inside(base, home.root):
+            continue
+        kind = kinds.get(base)
+        if kind is None:
+            raise ValueError(
+                f"model base {uri} is inside the embedded home but is not one of the tiny models "
+                f"the demo builds ({', '.join(str(k) for k in kinds)})"
+            )
+        build_tiny_model(base, all_captions(), kind=kind)
+        made.setdefault("base_models", []).append(str(base))
     classifier = config.safety.classifier
     if classifier and not classifier.startswith("s3://") and _inside(Path(classifier), home.root):
         from sd_pipeline.quality.safety import build_tiny_safety_classifier
