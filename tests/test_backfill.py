@@ -1,35 +1,27 @@
 """Backfilling daily dataset versions through Airflow's real scheduler.
 
 Starts the API server (tasks talk to its execution API), the DAG processor and the
-scheduler on a fresh home, runs `airflow backfill create` for three days of a source
-templated with {{ ds }}, and checks what a user would: one accepted version per day,
+scheduler on a fresh home (tests/airflow_stack.py), runs `airflow backfill create` for
+three days of a source templated with {{ ds }}, and checks what a user would: one accepted version per day,
 LATEST on the newest day, and a rerun of a built day that changes nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from airflow_stack import airflow_stack
 
 from sd_pipeline.synthetic import generate_shapes_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 DAYS = ["2026-11-01", "2026-11-02", "2026-11-03"]
 pytestmark = pytest.mark.slow
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> str:
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{cmd[1:3]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
 
 
 def _run(cmd: list[str], env: dict[str, str], attempts: int = 3) -> str:
@@ -40,19 +32,6 @@ def _run(cmd: list[str], env: dict[str, str], attempts: int = 3) -> str:
             return out.stdout
         time.sleep(3 * (attempt + 1))
     raise AssertionError(f"{cmd[1:3]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-
-
-def _runs(airflow: Path, env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run(
-        [str(airflow), "dags", "list-runs", "sd_ingest", "-o", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    # Airflow may log warnings before the JSON; the JSON is the line that starts a list.
-    lines = [line for line in out.stdout.splitlines() if line.startswith(("[{", "[]"))]
-    rows = json.loads(lines[-1]) if lines else []
-    return {r["run_id"]: r["state"] for r in rows}
 
 
 def test_backfill_builds_one_version_per_day(tmp_path: Path) -> None:
@@ -68,43 +47,12 @@ def test_backfill_builds_one_version_per_day(tmp_path: Path) -> None:
         "quality: {min_rows: 20, max_quarantine_rate: 0.3}\n"
         "safety: {classifier: null}\n"
     )
-    port = free_port()
-    env = {
-        **os.environ,
-        "SD_PIPELINE_HOME": str(home),
-        "SD_PIPELINE_CONFIG": str(config),
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "GX_ANALYTICS_ENABLED": "false",
-    }
     airflow = Path(sys.executable).with_name("airflow")
-    subprocess.run([str(airflow), "db", "migrate"], env=env, check=True, capture_output=True)
-    logs = home / "logs"
-    logs.mkdir()
-    services = [
-        subprocess.Popen(
-            [str(airflow), *cmd],
-            env=env,
-            stdout=(logs / f"{cmd[0]}.log").open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # stop each service with its workers
-        )
-        for cmd in (["api-server", "-p", str(port)], ["dag-processor"], ["scheduler"])
-    ]
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the DAG processor has serialized our DAGs
-            listed = subprocess.run([str(airflow), "dags", "list"], env=env, capture_output=True, text=True)
-            if "sd_ingest" in listed.stdout and "sd_train" in listed.stdout:
-                break
-            time.sleep(2)
+    # No triggerer: nothing in sd_ingest defers.
+    services = ("api-server", "dag-processor", "scheduler")
+    with airflow_stack(home, services=services, extra_env={"SD_PIPELINE_CONFIG": str(config)}) as stack:
+        env = stack.env
+        stack.wait_for_dags(["sd_ingest", "sd_train"])
         # Keep this test about ingestion: no training on the new versions.
         _run([str(airflow), "dags", "pause", "sd_train"], env)
         _run(
@@ -122,20 +70,8 @@ def test_backfill_builds_one_version_per_day(tmp_path: Path) -> None:
             env,
         )
         wanted = {f"backfill__{day}T00:00:00+00:00" for day in DAYS}
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
-            states = _runs(airflow, env)
-            if all(states.get(r) in ("success", "failed") for r in wanted):
-                break
-            time.sleep(3)
-        assert {r: states.get(r) for r in wanted} == dict.fromkeys(wanted, "success"), (
-            logs / "scheduler.log"
-        ).read_text()[-3000:]
-    finally:
-        for proc in services:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in services:
-            proc.wait(timeout=60)
+        for run_id in sorted(wanted):  # a failed day shows its task logs
+            stack.wait_for_run("sd_ingest", run_id, timeout=420)
 
     datasets = home / "store" / "datasets" / "daily"
     per_day = {day: (datasets / "dates" / day).read_text() for day in DAYS}
