@@ -26,7 +26,7 @@ with DAG(
     max_active_runs=1,
     params={"dataset_version": train_params(config)["dataset_version"]},
     default_args={**DEFAULT_ARGS, "owner": "modelling"},
-    tags=["sd-pipeline", "training", "operations"],
+    tags=["sd-pipeline", "modelling", "training", "operations"],
     doc_md=__doc__,
 ):
 

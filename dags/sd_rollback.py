@@ -24,8 +24,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     params=rollback_params(),
-    default_args={**DEFAULT_ARGS, "owner": "modelling"},
-    tags=["sd-pipeline", "registry"],
+    default_args={**DEFAULT_ARGS, "owner": "release"},  # the champion is what is released
+    tags=["sd-pipeline", "release", "registry"],
     doc_md=__doc__,
 ):
 

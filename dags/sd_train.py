@@ -1,6 +1,7 @@
 """sd_train: dataset version -> train -> evaluate -> register in MLflow -> promote to champion.
 
-Runs when a new dataset version passes its gate, or by hand with the trigger form.
+Runs when a new dataset version passes its gate, on `train.schedule` (cron) if set, or by
+hand with the trigger form. A run whose inputs already made a registered model skips itself.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from sd_pipeline.airflow import tasks
 from sd_pipeline.airflow.params import train_params
 from sd_pipeline.airflow.settings import (
     DEFAULT_ARGS,
+    approver_users,
     dataset_asset,
     pipeline_config,
+    train_schedule,
 )
 
 config = pipeline_config()
@@ -24,13 +27,14 @@ dataset = dataset_asset(config)
 with DAG(
     dag_id="sd_train",
     description=f"Fine-tune {config.train.method} on dataset {config.dataset.name}",
-    schedule=[dataset],
+    schedule=train_schedule(config, dataset),  # new dataset versions, and train.schedule if set
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     params=train_params(config),
-    default_args={**DEFAULT_ARGS, "owner": "modelling"},
-    tags=["sd-pipeline", "training"],
+    # Each stage's wall time goes to the run's monitoring summary (logged by register).
+    default_args={**DEFAULT_ARGS, "owner": "modelling", "on_success_callback": [tasks.record_duration]},
+    tags=["sd-pipeline", "modelling", "training"],
     doc_md=__doc__,
 ):
 
@@ -45,7 +49,10 @@ with DAG(
     run = prepare_run()
     # train and evaluate run the same command as a local subprocess or in a GPU pod, as
     # compute.<stage>.backend says; this file is the same for both.
-    trained = tasks.heavy_stage("train", config, run)
+    # The latent cache is its own step: computed once per (dataset versions, base model,
+    # resolution, buckets), so the training pod loads neither the VAE nor the text encoders.
+    cached = tasks.heavy_stage("cache", config, run)
+    trained = tasks.heavy_stage("train", config, run, after=cached)
     evaluated = tasks.heavy_stage("evaluate", config, run, after=trained)
     registered = register(run, evaluated)
 
@@ -68,6 +75,7 @@ with DAG(
         defaults=[tasks.REJECT],  # taken when nobody answers in time
         params={"comment": Param("", type="string", title="Comment")},
         response_timeout=timedelta(days=7),
+        assigned_users=approver_users(config),  # registry.approvers; promote refuses anyone else
     )
     promoted = promote(run)
     check >> approve >> promoted

@@ -157,7 +157,11 @@ class DatasetConfig(_Section):
     )
     caption_max_chars: int = Field(1000, ge=1)
     workers: int = Field(
-        0, ge=0, le=256, description="Processes decoding images; 0 = one per CPU, 1 = in-process."
+        0,
+        ge=0,
+        le=256,
+        description="Processes checking and decoding images (per ingest unit); 0 = one per CPU, started "
+        "once in-process work has taken a second; 1 = in-process.",
     )
     schedule: str | None = Field(
         None,

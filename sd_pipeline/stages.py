@@ -218,12 +218,18 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
 
     Idempotent per run id: a retry finds the version it registered. Tags carry the dataset
     version, the git commit (when known) and the Airflow dag and run that prepared the run.
+    The run's monitoring summary (stage durations, GPU-hours, samples/s, dataset size) and
+    where it stands against ``objectives`` are logged too, and returned in the summary.
     """
+    import time
+
     from sd_pipeline.models.base import resolve_base_model
+    from sd_pipeline.registry import monitoring, objectives
     from sd_pipeline.registry.lineage import airflow_tags, git_commit
     from sd_pipeline.registry.model_card import render_model_card
-    from sd_pipeline.registry.tracking import log_and_register, log_model_card
+    from sd_pipeline.registry.tracking import log_and_register, log_model_card, log_run_extras
 
+    started = time.monotonic()
     store = store_for(config)
     home = EmbeddedHome.from_env()
     final = f"runs/{run_id}/final"
@@ -297,7 +303,9 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
         result = log_and_register(
             config.registry,
             run_id=run_id,
-            params=json.loads(config.to_json()),
+            # Without the operational fields (alerts, objectives, approvers, schedule): they may
+            # change under the same run id, and MLflow params may not.
+            params=config.training_dump(),
             metrics=numeric,
             artifacts=artifacts,
             model_dir=model_dir,
@@ -312,6 +320,24 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
                 **({"samples": accepted} if accepted is not None else {}),
             },
         )
+    watched = monitoring.run_summary(
+        store, run_id, compute=config.compute, train=train_meta, evaluation=report, dataset=dataset_records,
+        register_seconds=time.monotonic() - started,
+    )
+    watched_metrics = monitoring.mlflow_metrics(watched)
+    standing = objectives.assess(config.objectives, {**numeric, **watched_metrics})
+    objective_metrics, objective_tags = objectives.mlflow_records(standing)
+    log_run_extras(
+        config.registry,
+        result["mlflow_run_id"],
+        result["model_version"],
+        metrics={**watched_metrics, **objective_metrics},
+        tags=objective_tags,
+        documents={"monitoring.json": watched, "objectives.json": standing},
+    )
+    store.put_json(f"runs/{run_id}/monitoring.json", watched)
+    log.info("monitoring: %s", monitoring.summary_line(watched))
+    log.info("objectives: %s", "; ".join(r["note"] for r in standing) or objectives.summary(standing))
     card = render_model_card(
         model_name=result["model_name"],
         model_version=result["model_version"],
@@ -319,6 +345,8 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
         train=train_meta,
         evaluation=report,
         dataset=dataset_records,
+        objectives=standing,
+        monitoring=watched,
         lineage={
             "MLflow run": result["mlflow_run_id"],
             "pipeline run": run_id,
@@ -334,6 +362,9 @@ def register(config: PipelineConfig, run_id: str, tags: dict[str, str] | None = 
         "grid_uri": store.uri(f"runs/{run_id}/eval/grid.png"),
         "comparison_grid_uri": (report.get("comparison_grid") or {}).get("uri"),
         "model_card_uri": card_uri,
+        "monitoring": watched,
+        "objectives": standing,
+        "objectives_summary": objectives.summary(standing),
     }
     store.put_json(f"runs/{run_id}/registered.json", summary)
     store.write_pointer(f"pipelines/{config.name}/LAST_RUN", run_id)

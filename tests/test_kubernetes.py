@@ -385,7 +385,7 @@ def test_the_train_dag_runs_pods_per_step_without_changing_shape(
     train, evaluate = dag.get_task("train"), dag.get_task("evaluate")
     assert isinstance(train, StagePodOperator) and train.pool == "gpu"
     assert not isinstance(evaluate, KubernetesPodOperator)  # evaluate stays local, per step
-    assert {t.task_id for t in train.upstream_list} == {"prepare_run"}
+    assert {t.task_id for t in train.upstream_list} == {"cache", "prepare_run"}
     assert {t.task_id for t in evaluate.upstream_list} == {"prepare_run", "train"}
     assert "evaluate" in {t.task_id for t in dag.get_task("register").upstream_list}
 

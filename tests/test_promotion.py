@@ -325,10 +325,10 @@ def test_approval_answers_become_recorded_approvals() -> None:
     assert approval_from(None) is None
     answer = {"chosen_options": ["Approve"], "params_input": {"comment": "ok"},
               "responded_by_user": {"id": "7", "name": "dana"}}
-    assert approval_from(answer) == {"approved": True, "by": "dana", "comment": "ok"}
+    assert approval_from(answer) == {"approved": True, "by": "dana", "comment": "ok", "user_id": "7"}
     timed_out = {"chosen_options": ["Reject"], "params_input": {}, "responded_by_user": None}
     assert approval_from(timed_out) == {"approved": False, "by": "nobody (the request timed out)",
-                                        "comment": ""}
+                                        "comment": "", "timed_out": True}
 
 
 # -- the DAGs ----------------------------------------------------------------------------

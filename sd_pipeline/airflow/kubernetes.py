@@ -57,7 +57,7 @@ def stage_pod_operator(
             f"compute.{stage}.backend=local)"
         )
     kube = config.compute.kubernetes
-    step = config.compute.step(stage)
+    step = config.compute.step("evaluate" if stage == "reevaluate" else stage)  # sd_reevaluate's pod
     command = pod_command(
         stage, run_field("config_uri", run_task_id), run_field("run_id", run_task_id), step.gpus
     )

@@ -89,3 +89,32 @@ def rollback_params() -> dict[str, Any]:
 def overrides_from_params(params: dict[str, Any]) -> dict[str, Any]:
     """Dotted config overrides from a run's params (unknown params are ignored)."""
     return {field: params[name] for name, field in PARAM_FIELDS.items() if name in params}
+
+
+def reevaluate_params(config: PipelineConfig) -> dict[str, Any]:
+    """The trigger form of ``sd_reevaluate``: which registered version, which prompt set."""
+    from airflow.sdk import Param
+
+    return {
+        "model_version": Param(
+            config.registry.champion_alias,
+            type="string",
+            pattern=r"^([0-9]{1,9}|[a-z][a-z0-9_-]{0,62})$",
+            minLength=1,
+            maxLength=63,
+            title="Model version",
+            description=f"A version number of {config.registry.model_name}, or an alias "
+            f"({config.registry.champion_alias}, {config.registry.alias}).",
+        ),
+        "prompt_set": Param(
+            type="string",
+            minLength=1,
+            maxLength=1000,
+            pattern=r"^\S+$",
+            title="Prompt set",
+            description="A shipped prompt set (e.g. default-v1, see sd_pipeline/resources/prompts) or a "
+            "YAML file with name, version and prompts (path, file:// or s3:// URI). Metrics are logged to "
+            "the version's MLflow run as reeval.<set name>.<metric>.",
+        ),
+    }
+

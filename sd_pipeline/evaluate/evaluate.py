@@ -80,8 +80,11 @@ class _ModelResult:
     skipped: dict[str, str]
 
 
-def evaluate(config: PipelineConfig, run_id: str) -> dict[str, Any]:
+def evaluate(config: PipelineConfig, run_id: str, *, out_prefix: str | None = None) -> dict[str, Any]:
     """Evaluate trained run ``run_id`` on the holdout split of its dataset versions; idempotent.
+
+    Results go to ``runs/<run_id>/eval/``, or to ``out_prefix`` (a re-evaluation of a
+    registered version on another prompt set keeps the original evaluation untouched).
 
     The registry's champion (if any, and unless ``evaluate.compare_with_champion`` is off)
     is evaluated alongside with the same inputs. Returns ``{"metrics", "grid_uri",
@@ -92,10 +95,10 @@ def evaluate(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     version = ",".join(versions)
     ev = config.evaluate
     prompt_set = load_prompt_set(ev.prompt_set, ev.prompts, endpoint_url=config.storage.endpoint_url)
-    prefix = eval_prefix(run_id)
+    prefix = out_prefix or eval_prefix(run_id)
     fingerprint = _eval_fingerprint(config, version, prompt_set)
     if store.is_committed(prefix):
-        return _already_evaluated(store, run_id, fingerprint)
+        return _already_evaluated(store, run_id, fingerprint, prefix)
     if not store.is_committed(final_prefix(run_id)):
         raise FileNotFoundError(
             f"run {run_id!r} has no committed weights at {store.uri(final_prefix(run_id))}; "
@@ -171,7 +174,7 @@ def evaluate(config: PipelineConfig, run_id: str) -> dict[str, Any]:
     for key, data in files.items():
         store.put_bytes(key, data)
     store.put_json(metrics_key, report)
-    result = _result(store, run_id, report)
+    result = _result(store, run_id, report, prefix)
     store.commit(prefix, result)
     loss = (f"holdout loss {mine.metrics['holdout_loss']:.4f} (base {mine.metrics['base_holdout_loss']:.4f})"
             if "holdout_loss" in mine.metrics else "no holdout loss")
@@ -385,8 +388,8 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _result(store: Store, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
-    prefix = eval_prefix(run_id)
+def _result(store: Store, run_id: str, report: dict[str, Any], prefix: str | None = None) -> dict[str, Any]:
+    prefix = prefix or eval_prefix(run_id)
     champion = report.get("champion") or {}
     return {
         "metrics": report["metrics"],
@@ -558,8 +561,10 @@ def _eval_fingerprint(config: PipelineConfig, version: str, prompt_set: PromptSe
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _already_evaluated(store: Store, run_id: str, fingerprint: str) -> dict[str, Any]:
-    prefix = eval_prefix(run_id)
+def _already_evaluated(
+    store: Store, run_id: str, fingerprint: str, prefix: str | None = None
+) -> dict[str, Any]:
+    prefix = prefix or eval_prefix(run_id)
     report = store.get_json(f"{prefix}/metrics.json")
     if report.get("fingerprint") != fingerprint:
         raise ValueError(
@@ -568,4 +573,4 @@ def _already_evaluated(store: Store, run_id: str, fingerprint: str) -> dict[str,
             "to evaluate again"
         )
     log.info("run %s is already evaluated (%s); nothing to do", run_id, store.uri(prefix))
-    return _result(store, run_id, report)
+    return _result(store, run_id, report, prefix)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from sd_pipeline.config import PipelineConfig
+from sd_pipeline.registry.objectives import card_section
 
 HEADLINE_METRICS = ("holdout_loss", "base_holdout_loss", "holdout_loss_improvement", "clip_score",
                     "fd_clip", "kid_clip", "unsafe_rate")
@@ -29,13 +30,17 @@ def render_model_card(
     evaluation: Mapping[str, Any],
     dataset: Mapping[str, Any],
     lineage: Mapping[str, str],
+    objectives: list[dict[str, Any]] | None = None,
+    monitoring: Mapping[str, Any] | None = None,
 ) -> str:
     """The card's Markdown.
 
     ``train`` is the run's ``final/metadata.json``, ``evaluation`` its ``eval/metrics.json``;
     ``dataset`` holds ``name``, ``version``, ``uri`` and optionally ``ingest`` (ingest.json),
     ``verdict`` (the quality verdict) and ``datacard`` (DATACARD.md text); ``lineage`` maps
-    tag names (git commit, Airflow ids, MLflow run id) to values.
+    tag names (git commit, Airflow ids, MLflow run id) to values. ``objectives`` are the
+    run's standing against the config's objectives (``registry.objectives.assess``),
+    ``monitoring`` its cost summary (``registry.monitoring.run_summary``).
     """
     card = config.registry.model_card
     tc = config.train
@@ -60,6 +65,8 @@ def render_model_card(
              "```", ""]
     lines += _training(config, train, dataset)
     lines += _evaluation(evaluation)
+    lines += card_section(objectives or [])
+    lines += _cost(monitoring)
     lines += ["## Intended use", "", card.intended_use, ""]
     lines += _limitations(card.limitations, dataset)
     lines += ["## Lineage", "", "| what | value |", "|---|---|"]
@@ -131,6 +138,15 @@ def _evaluation(report: Mapping[str, Any]) -> list[str]:
     if skipped:
         lines += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in sorted(skipped.items())]
     return [*lines, ""]
+
+
+def _cost(summary: Mapping[str, Any] | None) -> list[str]:
+    if not summary:
+        return []
+    durations = ", ".join(f"{k} {v:.1f} s" for k, v in (summary.get("durations_s") or {}).items())
+    return ["## Cost", "", f"Stage durations: {durations or 'n/a'}. GPU-hours: {summary.get('gpu_hours')} "
+            f"({summary.get('gpus')} GPU(s), device {summary.get('device')}). Throughput: "
+            f"{_fmt(summary.get('samples_per_s'))} samples/s.", ""]
 
 
 def _limitations(configured: str, dataset: Mapping[str, Any]) -> list[str]:

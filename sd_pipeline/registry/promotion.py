@@ -31,7 +31,11 @@ DECIDED_AT_TAG = "sd_pipeline.promotion.at"
 REASON_TAG = "sd_pipeline.promotion.reason"
 COMPARED_WITH_TAG = "sd_pipeline.promotion.compared_with"  # champion version, or "none"
 CHECKS_TAG = "sd_pipeline.promotion.checks"  # JSON: each rule with both values
-APPROVED_BY_TAG = "sd_pipeline.promotion.approved_by"
+APPROVED_BY_TAG = "sd_pipeline.promotion.approved_by"  # who answered the approval request
+APPROVAL_TAG = "sd_pipeline.promotion.approval"  # approved | rejected | timed_out
+APPROVAL_AT_TAG = "sd_pipeline.promotion.approval_at"
+APPROVAL_COMMENT_TAG = "sd_pipeline.promotion.approval_comment"
+REFUSED_PREFIX = "sd_pipeline.approval_refused."  # an answer from someone not in registry.approvers
 PREVIOUS_CHAMPION_TAG = "sd_pipeline.previous_champion"  # set when a version becomes champion
 ROLLBACK_PREFIX = "sd_pipeline.rollback."  # on the version rolled back from: by, at, reason, to
 RESTORED_PREFIX = "sd_pipeline.restored."  # on the version restored: by, at, reason, from
@@ -39,6 +43,10 @@ RESTORED_PREFIX = "sd_pipeline.restored."  # on the version restored: by, at, re
 
 class RegistryRefused(ValueError):
     """A promotion or rollback that cannot be done as asked; the message says what to do."""
+
+
+class ApprovalRefused(RegistryRefused):
+    """An approval from someone who is not in ``registry.approvers``."""
 
 
 @dataclass(frozen=True)
@@ -152,10 +160,14 @@ def apply_promotion(
     """Record the decision on ``version`` and, if it wins (and is approved), move the champion alias.
 
     ``approval`` is a person's answer when one was asked: ``{"approved": bool, "by": str,
-    "comment": str}``. Returns the decision as recorded.
+    "comment": str}`` (and ``user_id``, ``at`` when known). An approval from someone outside a
+    non-empty ``registry.approvers`` is recorded and refused (:class:`ApprovalRefused`): the
+    alias does not move. Returns the decision as recorded.
     """
     _check_who(by)
     version = str(version)
+    if approval is not None and verdict.promote:
+        check_approver(cfg, version, approval)
     record: dict[str, Any] = {"model_name": cfg.model_name, "model_version": version, "by": by,
                               "at": _now(), "champion_before": verdict.champion_version,
                               "checks": verdict.checks}
@@ -172,6 +184,11 @@ def apply_promotion(
         who = str(approval.get("by") or "unknown")
         comment = str(approval.get("comment") or "").strip()
         tags[APPROVED_BY_TAG] = who
+        tags[APPROVAL_TAG] = _answer(approval)
+        tags[APPROVAL_AT_TAG] = str(approval.get("at") or record["at"])
+        tags[APPROVAL_COMMENT_TAG] = comment
+        log.info("audit: %s version %s approval request answered %s by %s at %s%s", cfg.model_name,
+                 version, tags[APPROVAL_TAG], who, tags[APPROVAL_AT_TAG], f" ({comment})" if comment else "")
         if not approval.get("approved"):
             decision = "rejected_by_reviewer"
             reason = f"rejected by {who}" + (f": {comment}" if comment else "") + f" (rule verdict: {reason})"
@@ -185,8 +202,8 @@ def apply_promotion(
     for key, value in {**tags, DECISION_TAG: decision, REASON_TAG: reason}.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
     champion = version if decision == "promoted" else verdict.champion_version
-    log.info("%s version %s: %s (%s); @%s is version %s", cfg.model_name, version, decision, reason,
-             cfg.champion_alias, champion)
+    log.info("audit: %s version %s: %s by %s at %s (%s); @%s is version %s", cfg.model_name, version,
+             decision, by, record["at"], reason, cfg.champion_alias, champion)
     return {**record, "decision": decision, "reason": reason, "champion": champion}
 
 
@@ -223,11 +240,44 @@ def rollback(
         client.set_model_version_tag(cfg.model_name, champion.version, ROLLBACK_PREFIX + key, value)
     for key, value in {"by": by, "at": at, "reason": reason, "from": champion.version}.items():
         client.set_model_version_tag(cfg.model_name, target, RESTORED_PREFIX + key, value)
-    log.info("rolled %s @%s back from version %s to %s (by %s: %s)", cfg.model_name,
-             cfg.champion_alias, champion.version, target, by, reason)
+    log.info("audit: rolled %s @%s back from version %s to %s by %s at %s (%s)", cfg.model_name,
+             cfg.champion_alias, champion.version, target, by, at, reason)
     return {"model_name": cfg.model_name, "alias": cfg.champion_alias, "from_version": champion.version,
             "to_version": target, "by": by, "reason": reason, "at": at,
             "model_uri": f"models:/{cfg.model_name}@{cfg.champion_alias}"}
+
+
+def _answer(approval: Mapping[str, Any]) -> str:
+    if approval.get("approved"):
+        return "approved"
+    return "timed_out" if approval.get("timed_out") else "rejected"
+
+
+def is_approver(cfg: RegistryConfig, approval: Mapping[str, Any]) -> bool:
+    """Whether the person who answered may approve: anyone when ``registry.approvers`` is empty."""
+    if not cfg.approvers:
+        return True
+    who = {str(approval.get(k)) for k in ("by", "user_id") if approval.get(k)}
+    return bool(who & set(cfg.approvers))
+
+
+def check_approver(cfg: RegistryConfig, version: str, approval: Mapping[str, Any]) -> None:
+    """Refuse (and record) an approval from outside ``registry.approvers``; rejections and
+    timeouts keep the champion as it is, so they stand whoever gave them."""
+    if not approval.get("approved") or is_approver(cfg, approval):
+        return
+    who = str(approval.get("by") or approval.get("user_id") or "unknown")
+    at = _now()
+    reason = (f"approval by {who!r} refused: only registry.approvers {list(cfg.approvers)} may approve "
+              f"promoting {cfg.model_name} version {version}")
+    client = open_client(cfg)
+    for key, value in {"by": who, "at": at, "reason": reason}.items():
+        client.set_model_version_tag(cfg.model_name, version, REFUSED_PREFIX + key, value)
+    log.warning("audit: %s at %s", reason, at)
+    raise ApprovalRefused(
+        f"{reason}. @{cfg.champion_alias} did not move. Ask one of them to answer: trigger sd_train again "
+        "(the request is assigned to them), or `sd-pipeline promote` after their review."
+    )
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

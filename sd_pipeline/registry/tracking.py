@@ -394,3 +394,26 @@ def log_model_card(cfg: RegistryConfig, mlflow_run_id: str, model_version: str, 
     client.update_model_version(cfg.model_name, model_version, description=f"{summary}\n\nModel card: {uri}")
     client.set_model_version_tag(cfg.model_name, model_version, "sd_pipeline.model_card", uri)
     return uri
+
+
+def log_run_extras(
+    cfg: RegistryConfig,
+    mlflow_run_id: str,
+    model_version: str,
+    *,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    documents: Mapping[str, Any],
+) -> None:
+    """Metrics, tags and JSON documents known only after registration (monitoring, objectives).
+
+    Tags go on the run and on the model version, so the registry shows them too; metrics are
+    logged again on a retry (a new point of the same value), tags and documents replaced.
+    """
+    client = open_client(cfg)
+    _log_metrics_and_tags(client, mlflow_run_id, metrics, tags)
+    for name, document in documents.items():
+        client.log_dict(mlflow_run_id, json.loads(json.dumps(document, default=str)), name)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, model_version, key, value)
+
