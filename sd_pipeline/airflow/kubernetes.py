@@ -9,7 +9,6 @@ backend: it loads the Kubernetes client.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -41,9 +40,37 @@ class StagePodOperator(KubernetesPodOperator):
     sanitized once rendered; the operator's own request builder does the rest.
     """
 
+    def __init__(self, *, stage: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stage = stage
+
     def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
         self.labels = {key: make_safe_label_value(str(value)) for key, value in self.labels.items()}
+        if not dry_run:  # a dry run (DAG checks, tests) has no stored run config to read
+            self._shape_for_run()
         return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def _shape_for_run(self) -> None:
+        """GPUs, resources and command from the run's resolved config (the form's GPU count included).
+
+        The DAG is parsed with the pipeline config's defaults; a run may ask for another GPU
+        count, which only its stored config knows once ``prepare_run`` has written it.
+        """
+        args = list(self.arguments or [])
+        if not self.stage or "--config" not in args or "--run-id" not in args:
+            return
+        uri, run_id = args[args.index("--config") + 1], args[args.index("--run-id") + 1]
+        if "{{" in uri or "{{" in run_id:  # not rendered yet (a dry run of the DAG file)
+            return
+        from sd_pipeline.stages import load_config_uri
+
+        config = load_config_uri(uri)
+        kube = config.compute.kubernetes
+        step = config.compute.step("evaluate" if self.stage == "reevaluate" else self.stage)
+        command = pod_command(self.stage, uri, run_id, step.gpus)
+        self.cmds, self.arguments = command[:1], command[1:]
+        self.container_resources = pod_resources(step, kube)
+        self.affinity = gpu_affinity(step, kube)
 
 
 def stage_pod_operator(
@@ -118,9 +145,8 @@ def stage_pod_operator(
         get_logs=True,
         pool=kube.pool,
         pool_slots=max(1, step.gpus),
-        retries=kube.retries,
-        retry_delay=timedelta(minutes=1),
-        retry_exponential_backoff=True,
+        retries=kube.retries,  # delay and backoff: the DAG's default args (settings.DEFAULT_ARGS)
+        stage=stage,
         **kwargs,
     )
 

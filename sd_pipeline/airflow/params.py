@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd_pipeline.config import PipelineConfig
+from sd_pipeline.config import DatasetConfig, PipelineConfig
 
-# Param name -> dotted config field it overrides.
+# Param name -> dotted config field it overrides (base_model goes through model.choices).
 PARAM_FIELDS: dict[str, str] = {
     "dataset_version": "dataset.version",
+    "resolution": "dataset.resolution",
+    "gpus": "compute.train.gpus",
     "method": "train.method",
     "steps": "train.steps",
     "learning_rate": "train.learning_rate",
@@ -26,13 +28,31 @@ def train_params(config: PipelineConfig) -> dict[str, Any]:
 
     t = config.train
     return {
-        "dataset_version": Param(
-            "latest",
+        "base_model": Param(
+            _default_choice(config),
             type="string",
-            title="Dataset version",
-            description="'latest' accepted version, or an explicit 16-hex version id. "
-            "A run started by a new dataset version uses that version.",
-            pattern=r"^(latest|[0-9a-f]{16})$",
+            enum=[name for name, _, _ in base_model_choices(config)],
+            values_display={name: title for name, title, _ in base_model_choices(config)},
+            title="Base model",
+            description="The model to fine-tune (model.choices of the pipeline config).",
+        ),
+        "dataset_version": Param(
+            config.dataset.version,
+            type="string",
+            title="Dataset versions",
+            description="'latest' accepted version; one or more 16-hex version ids separated by commas; "
+            "'last:N' (the N newest daily versions) or 'window:Nd' (the daily versions of the last N "
+            "days). A run started by a new dataset version uses that version.",
+            pattern=DatasetConfig.model_fields["version"].metadata[0].pattern,
+        ),
+        "resolution": Param(
+            config.dataset.resolution,
+            type="integer",
+            minimum=16,
+            maximum=2048,
+            multipleOf=8,
+            title="Resolution",
+            description="Training resolution in pixels (bucket area for non-square images).",
         ),
         "method": Param(
             t.method,
@@ -47,6 +67,7 @@ def train_params(config: PipelineConfig) -> dict[str, Any]:
         ),
         "lora_rank": Param(t.lora_rank, type="integer", minimum=1, maximum=1024, title="LoRA rank"),
         "batch_size": Param(t.batch_size, type="integer", minimum=1, maximum=4096, title="Batch size"),
+        **_gpu_params(config),
         "seed": Param(t.seed, type="integer", minimum=0, title="Seed"),
         # Not a config override: approving changes who decides, not what is trained (run id).
         "require_approval": Param(
@@ -86,9 +107,54 @@ def rollback_params() -> dict[str, Any]:
     }
 
 
-def overrides_from_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Dotted config overrides from a run's params (unknown params are ignored)."""
-    return {field: params[name] for name, field in PARAM_FIELDS.items() if name in params}
+def _gpu_params(config: PipelineConfig) -> dict[str, Any]:
+    """The GPU count, for pods only: the local backend trains on what the worker has.
+
+    The compute backend itself is the deployment's choice (compute.backend in the config), not
+    a form field: it decides the DAG's shape (a pod or a subprocess, the GPU pool) at parse time.
+    """
+    from airflow.sdk import Param
+
+    if config.compute.backend_for("train") != "kubernetes":
+        return {}
+    return {
+        "gpus": Param(
+            config.compute.train.gpus,
+            type="integer",
+            minimum=0,
+            maximum=16,
+            title="GPUs",
+            description="GPUs of the training pod; above 1 it trains with accelerate (DDP).",
+        )
+    }
+
+
+def base_model_choices(config: PipelineConfig) -> list[tuple[str, str, str]]:
+    """(name, title, base) the form offers: model.choices, plus model.base when not among them."""
+    choices = [(c.name, c.title, c.base) for c in config.model.choices]
+    if config.model.base not in {base for _, _, base in choices}:
+        choices.insert(0, ("configured", f"Configured base ({config.model.base})", config.model.base))
+    return choices
+
+
+def _default_choice(config: PipelineConfig) -> str:
+    return next(name for name, _, base in base_model_choices(config) if base == config.model.base)
+
+
+def overrides_from_params(params: dict[str, Any], config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Dotted config overrides from a run's params (params that are not config fields are skipped)."""
+    overrides = {field: params[name] for name, field in PARAM_FIELDS.items() if params.get(name) is not None}
+    if config is not None and params.get("base_model"):
+        bases = {name: base for name, _, base in base_model_choices(config)}
+        if params["base_model"] not in bases:
+            raise ValueError(f"base_model {params['base_model']!r} is not one of {sorted(bases)}")
+        overrides["model.base"] = bases[params["base_model"]]
+    return overrides
+
+
+def unknown_conf_keys(conf: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """Keys of a trigger's conf that are no param of the DAG: a typo would otherwise train defaults."""
+    return sorted(set(conf) - set(params))
 
 
 def reevaluate_params(config: PipelineConfig) -> dict[str, Any]:

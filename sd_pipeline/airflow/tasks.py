@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sd_pipeline.airflow.errors import GateFailed, fail_fast
-from sd_pipeline.airflow.params import overrides_from_params
+from sd_pipeline.airflow.params import overrides_from_params, unknown_conf_keys
 from sd_pipeline.airflow.settings import config_path
 
 if TYPE_CHECKING:
@@ -136,12 +136,20 @@ def prepare() -> dict[str, Any]:
 
     ctx = _context()
     params = dict(ctx["params"])
-    overrides = overrides_from_params(params)
-    triggered = _triggering_version()
-    if triggered:
-        overrides["dataset.version"] = triggered
     dag_run = ctx["dag_run"]
+    unknown = unknown_conf_keys(dict(dag_run.conf or {}), params)
+    if unknown:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"the trigger's conf has keys that are no param of {dag_run.dag_id}: {unknown}; "
+            f"its params are {sorted(params)} (a typo would otherwise train with the defaults)"
+        )
+    triggered = _triggering_version()
     with fail_fast("prepare_run"):
+        overrides = overrides_from_params(params, stages.load_config_uri(config_path()))
+        if triggered:
+            overrides["dataset.version"] = triggered
         config = stages.load_config_uri(config_path(), overrides)
         prepared = stages.prepare_run(
             config,
