@@ -1,39 +1,48 @@
 """Ingest throughput and memory: our ingest (local folder, URL list) vs img2dataset vs plain Pillow.
 
-For each size (default 1,000 and 10,000 images) this measures images/s and peak RSS of:
+For each size (default 1,000 and 10,000 images) this measures images/s, CPU time and peak
+RSS of:
 
 - ``ours-folder``   ``sd_pipeline.ingest.build.ingest`` on a local imagefolder
                     (``metadata.jsonl`` + ``images/``), every check, hash and write included;
 - ``ours-urls``     the same, from a parquet URL list (``kind: urls``) whose URLs a local
                     ``ThreadingHTTPServer`` on 127.0.0.1 serves (``allow_private_networks: true``);
 - ``img2dataset``   the same URL list through img2dataset (its own venv), webdataset output,
-                    image_size 512, resize_mode center_crop, encode_quality 95,
-                    processes_count = CPU count, thread_count 32 per process;
+                    image_size 512, resize_mode center_crop, encode_quality 95 (its defaults:
+                    area downscale, Lanczos upscale, OpenCV), processes_count = CPU count,
+                    thread_count 32 per process;
 - ``pillow``        the machine's limit: decode (JPEG draft scaling, as ingest does) +
-                    centre-crop resize to 512 + JPEG q95 encode of the same files in a pool of
+                    centre-crop resize to 512 with the same filter as ours (``--resize-filter``,
+                    default ``area``) + JPEG q95 encode of the same files in a pool of
                     CPU-count processes, nothing else (no checks, hashing or writing);
-- ``pillow-full``   the same with a full-size decode and a plain LANCZOS resize (naive Pillow).
+- ``pillow-full``   a full-size decode and a plain LANCZOS resize (naive Pillow).
 
-The test images are JPEGs of 512-1,500 px per side (gradients, blotches, shapes and grain,
-about 0.25 bytes/pixel at quality 90), generated once and deterministically into
-``benchmarks/results/ingest-cache/`` (git-ignored); sizes share the same first images.
+The run prints what each variant did. The test images are JPEGs of 512-1,500 px per side
+(gradients, blotches, shapes and grain, about 0.25 bytes/pixel at quality 90), generated
+once and deterministically into ``benchmarks/results/ingest-cache/`` (git-ignored); sizes
+share the same first images.
 
 Every run is its own process. Peak RSS is reported two ways: ``tree`` = the highest sum of
 RSS over the run's process tree (psutil, sampled every 0.1 s: workers included, shared
 pages counted once per process) and ``max1`` = the largest single process (``ru_maxrss``
 from ``wait4``, exact). Rates use the time of the call itself (``ingest()``,
 ``img2dataset.download()``, the pool map), measured inside the run's process; ``wall`` adds
-interpreter start-up and imports.
+interpreter start-up and imports. ``cpu s`` is the CPU time of the run's process tree
+(``wait4``: the process and the workers it waited for) and ``srv s`` that of the HTTP
+server meanwhile; ``cpu i/s`` = images / ((cpu s + srv s) / CPUs) is the rate the run would
+have had with the machine to itself, steadier than wall-clock rates on a shared machine but
+blind to stalls that leave cores idle. Ratios are printed both ways.
 
     .venv/bin/python benchmarks/ingest.py                          # 1,000 and 10,000
     .venv/bin/python benchmarks/ingest.py --sizes 1000 --skip-img2dataset
     .venv/bin/python benchmarks/ingest.py --only ours-urls img2dataset
+    .venv/bin/python benchmarks/ingest.py --resize-filter lanczos  # ours and the limit sharper
 
 img2dataset lives in ``benchmarks/.venv-img2dataset`` (git-ignored); the script creates it
 when missing, which is the same as:
 
     python3 -m venv benchmarks/.venv-img2dataset
-    benchmarks/.venv-img2dataset/bin/pip install img2dataset
+    benchmarks/.venv-img2dataset/bin/pip install img2dataset==1.47.0
 
 Nothing is asserted about time (machines are shared and noisy): compare the ratios, and
 read the load average printed beside each run.
@@ -64,7 +73,9 @@ RESOLUTION = 512
 QUALITY = 95  # ours writes JPEG q95; img2dataset and the Pillow limit are set to match
 I2D_THREADS = 32
 OUR_SHARD_SIZE = 1000
+OUR_READ_WORKERS = 16  # dataset.source.read_workers default: downloads in flight
 VARIANTS = ["pillow", "ours-folder", "ours-urls", "img2dataset", "pillow-full"]
+URL_VARIANTS = {"ours-urls", "img2dataset"}
 WORDS = ["red", "blue", "green", "amber", "violet", "teal", "pale", "dark", "bright", "soft"]
 SHAPES = ["circles", "squares", "triangles", "shapes", "blocks", "kites", "ovals", "tiles"]
 
@@ -183,13 +194,14 @@ def write_url_list(path: Path, count: int, port: int) -> None:
 # --------------------------------------------------------------------------- one run, in its own process
 
 
-def child_ours(kind: str, count: int, work: Path, source: str) -> dict:
+def child_ours(kind: str, count: int, work: Path, source: str, resize_filter: str, read_workers: int) -> dict:
     from sd_pipeline.config import parse_config
     from sd_pipeline.ingest.build import ingest
 
     src: dict = {"kind": kind, "uri": f"file://{source}"}
     if kind == "urls":
         src["allow_private_networks"] = True
+        src["read_workers"] = read_workers
     cfg = parse_config(
         {
             "storage": {"root": f"file://{work / 'store'}"},
@@ -198,6 +210,7 @@ def child_ours(kind: str, count: int, work: Path, source: str) -> dict:
                 "source": src,
                 "resolution": RESOLUTION,
                 "shard_size": OUR_SHARD_SIZE,
+                "resize_filter": resize_filter,
             },
         }
     )
@@ -261,33 +274,39 @@ def child_img2dataset(count: int, work: Path, source: str) -> dict:
     }
 
 
-def _pillow_one(args: tuple[str, bool]) -> int:
+PILLOW_FILTERS = {"area": "BOX", "bicubic": "BICUBIC", "lanczos": "LANCZOS"}
+
+
+def _pillow_one(args: tuple[str, bool, str]) -> int:
     import io
 
     from PIL import Image
 
-    path, draft = args
+    path, draft, resize_filter = args
     with Image.open(path) as img:
         w, h = img.size
         if draft:
             scale = RESOLUTION / min(w, h)
             img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-        rgb = img.convert("RGB")
+        img.load()
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # no copy when already RGB, as ours
     cw, ch = rgb.size
     side = min(cw, ch)
     box = ((cw - side) / 2, (ch - side) / 2, (cw + side) / 2, (ch + side) / 2)
+    # Shrinking with the same filter as ours; enlarging (never, with these images) with Lanczos.
+    name = PILLOW_FILTERS[resize_filter] if side >= RESOLUTION else "LANCZOS"
     square = rgb.resize(
-        (RESOLUTION, RESOLUTION), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0 if draft else None
+        (RESOLUTION, RESOLUTION), Image.Resampling[name], box=box, reducing_gap=3.0 if draft else None
     )
     out = io.BytesIO()
     square.save(out, format="JPEG", quality=QUALITY)
     return len(out.getvalue())
 
 
-def child_pillow(count: int, draft: bool) -> dict:
+def child_pillow(count: int, draft: bool, resize_filter: str) -> dict:
     import multiprocessing as mp
 
-    paths = [(str(CACHE / "pool" / f"{i:06d}.jpg"), draft) for i in range(count)]
+    paths = [(str(CACHE / "pool" / f"{i:06d}.jpg"), draft, resize_filter) for i in range(count)]
     started = time.perf_counter()
     with mp.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         sizes = pool.map(_pillow_one, paths, chunksize=8)
@@ -321,15 +340,15 @@ def child_main(args: argparse.Namespace) -> None:
         child_serve()
         return
     if args.child == "ours-folder":
-        result = child_ours("imagefolder", args.count, work, args.source)
+        result = child_ours("imagefolder", args.count, work, args.source, args.resize_filter, 0)
     elif args.child == "ours-urls":
-        result = child_ours("urls", args.count, work, args.source)
+        result = child_ours("urls", args.count, work, args.source, args.resize_filter, args.read_workers)
     elif args.child == "img2dataset":
         result = child_img2dataset(args.count, work, args.source)
     elif args.child == "pillow":
-        result = child_pillow(args.count, draft=True)
+        result = child_pillow(args.count, draft=True, resize_filter=args.resize_filter)
     elif args.child == "pillow-full":
-        result = child_pillow(args.count, draft=False)
+        result = child_pillow(args.count, draft=False, resize_filter="lanczos")
     else:
         raise SystemExit(f"unknown child {args.child!r}")
     print("RESULT " + json.dumps(result), flush=True)
@@ -339,14 +358,27 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def measure(
-    name: str, python: str, count: int, work: Path, source: str = "", env: dict | None = None
+    name: str,
+    python: str,
+    count: int,
+    work: Path,
+    source: str = "",
+    env: dict | None = None,
+    resize_filter: str = "area",
+    server_pid: int | None = None,
+    read_workers: int = 16,
 ) -> dict:
-    """Run one variant in a fresh process; sample its tree's RSS; return the child's result."""
+    """Run one variant in a fresh process; sample its tree's RSS; return the child's result
+    with wall time, CPU time of its process tree and of the HTTP server during the run."""
     import psutil
+
+    server = psutil.Process(server_pid) if server_pid else None
+    server_before = sum(server.cpu_times()[:2]) if server else 0.0
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cmd = [python, str(Path(__file__).resolve()), "--child", name, "--count", str(count), "--work", str(work)]
+    cmd += ["--resize-filter", resize_filter, "--read-workers", str(read_workers)]
     if source:
         cmd += ["--source", source]
     load = os.getloadavg()[0]
@@ -370,6 +402,7 @@ def measure(
         peak_tree = max(peak_tree, total)
         time.sleep(0.1)
     wall = time.perf_counter() - started
+    server_cpu = sum(server.cpu_times()[:2]) - server_before if server else 0.0
     proc.returncode = os.waitstatus_to_exitcode(status)
     lines = (work / "stdout.log").read_text(errors="replace").splitlines()
     results = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
@@ -383,6 +416,9 @@ def measure(
         wall=wall,
         rss_tree=peak_tree / 2**20,
         rss_max1=usage.ru_maxrss / 1024,  # KiB on Linux
+        # wait4 counts the child and the descendants it waited for (its worker processes).
+        cpu=usage.ru_utime + usage.ru_stime,
+        server_cpu=server_cpu if name in URL_VARIANTS else 0.0,
         load=load,
     )
     return result
@@ -416,16 +452,39 @@ def ensure_img2dataset(spec: str) -> tuple[str | None, str]:
     return str(python), done.stdout.strip()
 
 
-def fmt_row(r: dict) -> str:
+def cpu_rate(r: dict, cpus: int) -> float:
+    """Images/s if the run had had the whole machine: count / ((its CPU s + server CPU s) / CPUs).
+    Steadier than wall-clock rates on a shared machine; blind to stalls that leave cores idle."""
+    return r["count"] / max((r["cpu"] + r["server_cpu"]) / cpus, 1e-9)
+
+
+def fmt_row(r: dict, cpus: int) -> str:
     if "error" in r:
         first = r["error"].splitlines()[0]
         return f"{r['name']:<12} {r['count']:>6}  ERROR: {first}"
     rate = r["count"] / r["seconds"]
-    wall_rate = r["count"] / r["wall"]
     return (
         f"{r['name']:<12} {r['count']:>6} {r['ok']:>6} {r['failed']:>5} {r['seconds']:>8.1f} {rate:>8.1f} "
-        f"{r['wall']:>8.1f} {wall_rate:>8.1f} {r['rss_tree']:>8.0f} {r['rss_max1']:>8.0f} {r['load']:>5.1f}"
+        f"{r['wall']:>8.1f} {r['cpu']:>7.1f} {r['server_cpu']:>6.1f} {cpu_rate(r, cpus):>8.1f} "
+        f"{r['rss_tree']:>8.0f} {r['rss_max1']:>8.0f} {r['load']:>5.1f}"
     )
+
+
+WHAT_EACH_DID = """\
+what each variant does (same {count} JPEGs of 512-1,500 px; output {res}x{res} centre crop, JPEG q{q} 4:2:0, \
+no optimize pass):
+  pillow       Pillow in a pool of {cpus} processes: JPEG draft decode, {filt} resize, encode. Nothing else.
+  ours-folder  sd_pipeline ingest of a local imagefolder: metadata + caption checks, header checks
+               (size, pixels, frames, aspect), EXIF orientation, draft decode, {filt} resize, encode,
+               sha256 + colour hash, exact and near-duplicate checks, shards, manifest, quarantine, commit.
+  ours-urls    the same from a parquet URL list: SSRF-checked downloads on {read_workers} threads
+               (read_workers) from the local HTTP server, then everything ours-folder does.
+  img2dataset  img2dataset {i2d}: webdataset output, resize_mode center_crop, image_size {res}, encode_quality
+               {q}, downscale area / upscale lanczos (OpenCV), {cpus} processes x {threads} threads; no
+               dedup, no caption checks.
+  pillow-full  naive Pillow: full-size decode and LANCZOS resize (what ingest avoids).
+columns: call s = time of the call itself (img/s from it); cpu s = CPU of the run's process tree; srv s =
+CPU of the HTTP server meanwhile (URL variants); cpu i/s = images / ((cpu s + srv s) / {cpus} CPUs)."""
 
 
 def ratio_line(label: str, a: float | None, b: float | None, target: str) -> str:
@@ -441,9 +500,24 @@ def main() -> None:
     parser.add_argument(
         "--skip-pillow-full", action="store_true", help="skip the naive full-decode Pillow run"
     )
-    parser.add_argument("--img2dataset-spec", default="img2dataset", help="pip spec used to create its venv")
+    parser.add_argument(
+        "--img2dataset-spec", default="img2dataset==1.47.0", help="pip spec used to create its venv"
+    )
     parser.add_argument("--only", nargs="+", choices=VARIANTS, help="run only these variants (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep each run's output under the cache")
+    parser.add_argument(
+        "--resize-filter",
+        default="area",
+        choices=sorted(PILLOW_FILTERS),
+        help="dataset.resize_filter for ours, and the filter of the Pillow limit (default: area, "
+        "the config default and img2dataset's downscale interpolation)",
+    )
+    parser.add_argument(
+        "--read-workers",
+        type=int,
+        default=0,
+        help=f"dataset.source.read_workers of ours-urls (default: the config's, {OUR_READ_WORKERS})",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -454,6 +528,7 @@ def main() -> None:
         return
 
     cpus = os.cpu_count() or 1
+    read_workers = args.read_workers or OUR_READ_WORKERS
     build_py = ROOT / "sd_pipeline" / "ingest" / "build.py"
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     dirty = subprocess.run(
@@ -468,14 +543,15 @@ def main() -> None:
     )
 
     i2d_python: str | None = None
+    i2d_info = ""
     if args.skip_img2dataset:
         print("img2dataset: skipped (--skip-img2dataset)")
     else:
-        i2d_python, info = ensure_img2dataset(args.img2dataset_spec)
+        i2d_python, i2d_info = ensure_img2dataset(args.img2dataset_spec)
         if i2d_python:
-            print(f"img2dataset {info} in {I2D_VENV.relative_to(ROOT)}", flush=True)
+            print(f"img2dataset {i2d_info} in {I2D_VENV.relative_to(ROOT)}", flush=True)
         else:
-            print(f"img2dataset: NOT RUN. {info}", flush=True)
+            print(f"img2dataset: NOT RUN. {i2d_info}", flush=True)
 
     ensure_images(max(args.sizes))
     server = subprocess.Popen(
@@ -498,7 +574,22 @@ def main() -> None:
     results: list[dict] = []
     header = (
         f"{'variant':<12} {'images':>6} {'ok':>6} {'fail':>5} {'call s':>8} {'img/s':>8} "
-        f"{'wall s':>8} {'wall i/s':>8} {'RSS tree':>8} {'RSS max1':>8} {'load':>5}"
+        f"{'wall s':>8} {'cpu s':>7} {'srv s':>6} {'cpu i/s':>8} {'RSS tree':>8} {'RSS max1':>8} {'load':>5}"
+    )
+    i2d_version = i2d_info if i2d_python else "-"
+    print(
+        "\n"
+        + WHAT_EACH_DID.format(
+            count="/".join(str(n) for n in sorted(args.sizes)),
+            res=RESOLUTION,
+            q=QUALITY,
+            cpus=cpus,
+            filt={"area": "area (box)", "bicubic": "bicubic", "lanczos": "Lanczos"}[args.resize_filter],
+            i2d=i2d_version,
+            threads=I2D_THREADS,
+            read_workers=read_workers,
+        ),
+        flush=True,
     )
     try:
         for count in sorted(args.sizes):
@@ -517,12 +608,14 @@ def main() -> None:
             if not args.skip_pillow_full:
                 plan.append(("pillow-full", sys.executable, ""))
             plan = [step for step in plan if not args.only or step[0] in args.only]
-            print(f"\n--- {count} images (peak RSS in MiB; rates from 'call s') ---\n{header}", flush=True)
+            print(f"\n--- {count} images (peak RSS in MiB) ---\n{header}", flush=True)
             for name, python, source in plan:
                 work = runs / f"{name}-{count}"
-                result = measure(name, python, count, work, source, child_env)
+                result = measure(
+                    name, python, count, work, source, child_env, args.resize_filter, server.pid, read_workers
+                )
                 results.append(result)
-                print(fmt_row(result), flush=True)
+                print(fmt_row(result, cpus), flush=True)
                 if "error" in result:
                     print(result["error"], flush=True)
                 elif result.get("errors"):
@@ -543,6 +636,10 @@ def main() -> None:
         r = by.get((name, count))
         return r[key] if r else None
 
+    def crate(name: str, count: int) -> float | None:
+        r = by.get((name, count))
+        return cpu_rate(r, cpus) if r else None
+
     versions = {r["version"] for r in by.values() if "version" in r}
     print(f"\n--- ratios ({cpus} CPUs{'; img2dataset ' + ', '.join(versions) if versions else ''}) ---")
     for count in sorted(args.sizes):
@@ -554,6 +651,7 @@ def main() -> None:
             ("img2dataset / Pillow limit", "img2dataset", "pillow", "-"),
         ):
             print(ratio_line(f"{label} (images/s)", rate(a, count), rate(b, count), target))
+            print(ratio_line(f"{label} (CPU-normalised)", crate(a, count), crate(b, count), target))
     sizes = sorted(args.sizes)
     for small, large in zip(sizes, sizes[1:], strict=False):
         k = large / small
@@ -563,6 +661,7 @@ def main() -> None:
                 continue
             for label, key, target in (
                 (f"time({large}) / time({small})", "seconds", f"<= {1.1 * k:g}"),
+                (f"CPU time({large}) / ({small})", "cpu", f"<= {1.1 * k:g}"),
                 (f"peak RSS tree({large}) / ({small})", "rss_tree", "<= 1.3"),
                 (f"peak RSS max1({large}) / ({small})", "rss_max1", "<= 1.3"),
             ):

@@ -101,12 +101,17 @@ def test_ingest_dag_gates_and_emits_the_dataset_asset(
     bag = DagBag(dag_folder=str(REPO / "dags"))
     ingest, train = bag.dags["sd_ingest"], bag.dags["sd_train"]
     gate = ingest.get_task("quality_gate")
-    assert [t.task_id for t in gate.upstream_list] == ["ingest"]
+    assert [t.task_id for t in gate.upstream_list] == ["commit"]
+    # plan -> ingest_unit (mapped: one task per unit) -> commit
+    assert [t.task_id for t in ingest.get_task("commit").upstream_list] == ["ingest_unit"]
+    assert [t.task_id for t in ingest.get_task("ingest_unit").upstream_list] == ["plan"]
+    assert type(ingest.get_task("ingest_unit")).__name__.endswith("MappedOperator")
     assert [o.name for o in gate.outlets] == ["sd_dataset_shapes"]
     # sd_train runs on that asset, and its tasks run in order.
     assert "sd_dataset_shapes" in str(train.timetable.asset_condition)
     assert {t.task_id for t in train.get_task("register").upstream_list} == {"evaluate", "prepare_run"}
-    assert {t.task_id for t in train.get_task("train").upstream_list} == {"prepare_run"}
+    assert {t.task_id for t in train.get_task("cache").upstream_list} == {"prepare_run"}
+    assert {t.task_id for t in train.get_task("train").upstream_list} == {"cache", "prepare_run"}
 
 
 def test_train_form_params_are_typed_and_bounded(

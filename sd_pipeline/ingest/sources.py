@@ -100,19 +100,30 @@ def detect_kind(source: SourceConfig, endpoint_url: str | None = None) -> str:
     return "imagefolder" if folder.metadata_names() else "sidecar"
 
 
-def iter_source(source: SourceConfig, *, endpoint_url: str | None = None) -> Iterator[Record]:
-    """Every input of the configured source as one record, in a stable order.
+@dataclass(frozen=True)
+class SourceRecords:
+    """A source's inputs before any image bytes are read: what a planner counts and slices."""
 
+    kind: str
+    records: Iterator[Record | Deferred]
+    read_workers: int  # reads worth running at once for this source
+    portable: bool = False  # deferred reads may run in another process (local files)
+
+
+def source_records(source: SourceConfig, *, endpoint_url: str | None = None) -> SourceRecords:
+    """Every input of the configured source as one record or deferred read, in a stable order.
+
+    Listing and metadata parsing happen here; image bytes are read only when a deferred
+    record is called, so iterating (to count, or to skip to a unit's range) is cheap.
     ``endpoint_url`` is the storage endpoint, used for an ``s3://`` source unless the
     source names its own.
     """
     endpoint = source.endpoint_url or endpoint_url
     kind = detect_kind(source, endpoint)
-    log.info("reading %s source %s", kind, source.uri)
     if kind == "urls":
         from sd_pipeline.ingest.download import DownloadPolicy, read_url_lists
 
-        records: Iterable[Record | Deferred] = read_url_lists(
+        records = read_url_lists(
             source.uri,
             DownloadPolicy.from_config(source),
             url_column=source.url_column,
@@ -120,18 +131,24 @@ def iter_source(source: SourceConfig, *, endpoint_url: str | None = None) -> Ite
             list_format=source.list_format,
             endpoint_url=endpoint,
         )
-        return _logged(resolve_in_order(records, source.read_workers), kind, source.uri)
+        return SourceRecords(kind, records, source.read_workers)
 
-    from sd_pipeline.ingest.imagefolder import imagefolder_records, open_folder, sidecar_records
+    from sd_pipeline.ingest.imagefolder import LocalFolder, imagefolder_records, open_folder, sidecar_records
 
     folder = open_folder(source.uri, endpoint_url=endpoint, max_bytes=source.max_bytes)
     if kind == "imagefolder":
         records = imagefolder_records(folder)
     else:
         records = sidecar_records(folder, caption_extension=source.caption_extension)
-    return _logged(
-        resolve_in_order(records, min(source.read_workers, folder.max_concurrency)), kind, source.uri
-    )
+    portable = isinstance(folder, LocalFolder)
+    return SourceRecords(kind, records, min(source.read_workers, folder.max_concurrency), portable)
+
+
+def iter_source(source: SourceConfig, *, endpoint_url: str | None = None) -> Iterator[Record]:
+    """Every input of the configured source as one record, read, in a stable order."""
+    found = source_records(source, endpoint_url=endpoint_url)
+    log.info("reading %s source %s", found.kind, source.uri)
+    return _logged(resolve_in_order(found.records, found.read_workers), found.kind, source.uri)
 
 
 def _logged(records: Iterator[Record], kind: str, uri: str) -> Iterator[Record]:

@@ -1,0 +1,128 @@
+"""Per-input work on all cores, results in input order.
+
+Reading (local files), caption and image checks, decoding, resizing, encoding and hashing
+run in worker processes, a chunk of inputs per task, while this process lists inputs,
+downloads (URL lists, S3), records decisions and writes shards. A bounded window of
+chunks is in flight, so workers never wait for this process between batches and memory
+holds at most ``window`` chunks of raw images. Results come back in the order inputs went
+in, which keeps every decision downstream (duplicates, shard contents, the version id)
+independent of how many workers ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("sd_pipeline.ingest")
+
+T = TypeVar("T")
+CHUNK = 8  # inputs per worker task: amortises the hand-over, small enough to balance
+POOL_AFTER_S = 0.5  # auto mode: start the pool once in-process work is expected to take this long
+
+
+def process_chunk(jobs: list[Any], fn: Callable[[Any], Any]) -> list[Any]:
+    """Run ``fn`` on each job of a chunk (in a worker process)."""
+    return [fn(job) for job in jobs]
+
+
+class _Done(Generic[T]):
+    """A finished result, standing in for a Future."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def result(self) -> T:
+        return self.value
+
+
+class Workers:
+    """A pool of worker processes running one picklable function, shared by an ingest's units.
+
+    ``workers``: 1 runs everything in this process; N >= 2 starts N processes at the first
+    job; 0 means one per CPU, started once the first chunk, run here, shows the whole input
+    would take ``POOL_AFTER_S`` or more (small inputs never pay the start-up of about 0.1 s
+    per process; real images start the pool after one chunk).
+    Processes are spawned, not forked: the caller may be an Airflow task with threads and
+    sockets.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], workers: int = 0) -> None:
+        self.fn = fn
+        self.auto = workers == 0
+        self.workers = (os.cpu_count() or 1) if self.auto else workers
+        self.pool: Executor | None = None
+        self.inline_seconds = 0.0
+        self.inline_jobs = 0
+        self.expected = 0  # jobs still to come, as far as the caller knows
+        self.window = 4 * max(self.workers, 1)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+    def _executor(self) -> Executor | None:
+        projected = self.inline_seconds / max(self.inline_jobs, 1) * self.expected
+        wanted = not self.auto or self.inline_seconds + projected >= POOL_AFTER_S
+        if self.pool is None and self.workers > 1 and wanted:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            log.info("image workers: %d processes", self.workers)
+        return self.pool
+
+    def _submit(self, jobs: list[Any]) -> Future[list[Any]] | _Done[list[Any]]:
+        if not jobs:
+            return _Done([])
+        pool = self._executor()
+        if pool is not None:
+            return pool.submit(process_chunk, jobs, self.fn)
+        started = time.perf_counter()
+        done = process_chunk(jobs, self.fn)
+        self.inline_seconds += time.perf_counter() - started
+        self.inline_jobs += len(jobs)
+        return _Done(done)
+
+    def ordered(self, entries: Iterable[tuple[T, Any]], expected: int = 0) -> Iterator[tuple[T, Any]]:
+        """For each ``(tag, job)`` in order, ``(tag, fn(job))``; a job of None passes through
+        as ``(tag, None)`` at its place in the order. ``expected``: how many entries will
+        come (a hint for starting the pool)."""
+        window: deque[tuple[list[tuple[T, bool]], Future[list[Any]] | _Done[list[Any]]]] = deque()
+        tags: list[tuple[T, bool]] = []
+        jobs: list[Any] = []
+
+        def drain(limit: int) -> Iterator[tuple[T, Any]]:
+            while len(window) > limit:
+                chunk_tags, future = window.popleft()
+                results = iter(future.result())
+                for tag, has_job in chunk_tags:
+                    yield tag, next(results) if has_job else None
+
+        self.expected = expected
+        try:
+            for tag, job in entries:
+                self.expected -= 1
+                tags.append((tag, job is not None))
+                if job is not None:
+                    jobs.append(job)
+                if len(jobs) >= CHUNK or len(tags) >= 4 * CHUNK:
+                    window.append((tags, self._submit(jobs)))
+                    tags, jobs = [], []
+                    yield from drain(self.window)
+            window.append((tags, self._submit(jobs)))
+            yield from drain(0)
+        finally:
+            for _, future in window:  # the consumer stopped early or failed
+                if isinstance(future, Future):
+                    future.cancel()
