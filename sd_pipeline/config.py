@@ -161,7 +161,7 @@ class DatasetConfig(_Section):
         ge=0,
         le=256,
         description="Processes checking and decoding images (per ingest unit); 0 = one per CPU, started "
-        "once in-process work has taken a second; 1 = in-process.",
+        "when the first images show the unit is worth it; 1 = in-process.",
     )
     schedule: str | None = Field(
         None,
