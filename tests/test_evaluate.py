@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from PIL import Image  # noqa: E402
-from test_train import VERSION, make_config, shape_samples, write_dataset  # noqa: E402
+from test_train import make_config, shape_samples, write_dataset  # noqa: E402
 
 from sd_pipeline.evaluate.evaluate import evaluate  # noqa: E402
 from sd_pipeline.models.tiny import build_tiny_sd  # noqa: E402

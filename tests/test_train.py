@@ -20,8 +20,8 @@ from sd_pipeline.ingest.shards import ShardSample, write_shard  # noqa: E402
 from sd_pipeline.ingest.versions import latest_key, version_prefix  # noqa: E402
 from sd_pipeline.models.tiny import build_tiny_sd  # noqa: E402
 from sd_pipeline.storage import LocalStore, Store  # noqa: E402
-from sd_pipeline.train.checkpoints import committed_steps  # noqa: E402
 from sd_pipeline.train.buckets import BatchSchedule  # noqa: E402
+from sd_pipeline.train.checkpoints import committed_steps  # noqa: E402
 from sd_pipeline.train.trainer import train  # noqa: E402
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "yellow": (240, 220, 40),
