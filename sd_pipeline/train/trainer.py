@@ -317,7 +317,7 @@ class _Run:
                         f"loss is {loss} at step {step} of run {self.run_id}; lower "
                         f"train.learning_rate (now {tc.learning_rate}) or raise train.lr_warmup_steps"
                     )
-                lr = self.lr_scheduler.get_last_lr()[0]
+                lr = float(self.lr_scheduler.get_last_lr()[0])
                 monitor.advance(loss, lr)
                 rate = samples / max(time.perf_counter() - t0, 1e-9)
                 if tc.log_every and step % tc.log_every == 0:
@@ -527,6 +527,8 @@ class _Run:
             for name, param in self.named.items():
                 param.copy_(ckpt.trainable[name])
             if self.ema is not None:
+                if ckpt.ema is None:
+                    raise ValueError(f"checkpoint step {ckpt.step} of run {self.run_id!r} has no EMA weights")
                 for name in self.ema:
                     self.ema[name].copy_(ckpt.ema[f"ema.{name}"])
         self.optimizer.load_state_dict(ckpt.optimizer)

@@ -33,7 +33,7 @@ def validation_grid(config: PipelineConfig, base_path: Path, unet: Any, device: 
         unet.eval()
         for prompt in prompts[:VALIDATION_PROMPTS]:
             gen = torch.Generator(device="cpu").manual_seed(ev.seeds[0])
-            out = pipe(
+            out = pipe(  # type: ignore[operator]  # from_pretrained returns the concrete pipeline
                 prompt,
                 num_inference_steps=ev.num_inference_steps,
                 guidance_scale=ev.guidance_scale,
