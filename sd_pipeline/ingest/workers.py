@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("sd_pipeline.ingest")
@@ -40,6 +42,27 @@ class _Done(Generic[T]):
 
     def result(self) -> T:
         return self.value
+
+
+@contextmanager
+def _parent_main_hidden() -> Iterator[None]:
+    """Spawned workers must not re-run the parent's ``__main__``.
+
+    In an Airflow task that is the ``airflow`` CLI, whose import initialises a metadata
+    database a task process has no access to (found by the end-to-end test under the real
+    scheduler); a worker needs only this module and the job's function, which live in
+    importable modules. While processes start, spawn sees a ``__main__`` without a file.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main and name in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 class Workers:
@@ -79,6 +102,10 @@ class Workers:
         wanted = not self.auto or self.inline_seconds + projected >= POOL_AFTER_S
         if self.pool is None and self.workers > 1 and wanted:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            with _parent_main_hidden():  # N jobs at once start all N processes (one per submit)
+                started = [self.pool.submit(process_chunk, [], self.fn) for _ in range(self.workers)]
+                for future in started:
+                    future.result()
             log.info("image workers: %d processes", self.workers)
         return self.pool
 
