@@ -16,26 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from sd_pipeline.airflow.errors import fail_fast
 from sd_pipeline.airflow.settings import config_path
+from sd_pipeline.airflow.tasks import _context, _run_date
 
 if TYPE_CHECKING:
     from sd_pipeline.config import PipelineConfig
 
 log = logging.getLogger("sd_pipeline.airflow")
 UNIT_LABEL = "unit_label"  # context key that names a mapped ingest_unit in the UI
-
-
-def _context() -> Any:
-    from airflow.sdk import get_current_context
-
-    return get_current_context()
-
-
-def _run_date() -> str:
-    """The run's date: its logical date, or (a manual run without one) the day it runs."""
-    ctx = _context()
-    if ctx.get("ds"):
-        return str(ctx["ds"])
-    return str(ctx["dag_run"].run_after.date().isoformat())
 
 
 def _config(ds: str) -> PipelineConfig:

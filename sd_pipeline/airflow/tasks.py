@@ -32,22 +32,6 @@ def _run_date() -> str:
     return str(ctx["dag_run"].run_after.date().isoformat())
 
 
-def ingest() -> dict[str, Any]:
-    from sd_pipeline import stages
-
-    with fail_fast("ingest"):
-        summary = stages.ingest(stages.load_config_uri(config_path()), ds=_run_date())
-    log.info(
-        "dataset %s version %s: %d accepted, %d quarantined (%s)",
-        summary["dataset"],
-        summary["version"],
-        summary["accepted"],
-        summary["quarantined"],
-        summary["quarantine_reasons"],
-    )
-    return summary
-
-
 def validate(ingested: dict[str, Any], asset: Any) -> dict[str, Any]:
     """Gate the version; on success annotate the dataset Asset's event with it."""
     from sd_pipeline import stages

@@ -54,7 +54,9 @@ def _parent_main_hidden() -> Iterator[None]:
     importable modules. While processes start, spawn sees a ``__main__`` without a file.
     """
     main = sys.modules.get("__main__")
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main and name in main.__dict__}
+    saved: dict[str, Any] = {
+        name: main.__dict__[name] for name in ("__file__", "__spec__") if main and name in main.__dict__
+    }
     if main is not None:
         main.__dict__.pop("__file__", None)
         main.__spec__ = None
