@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sd_pipeline.config import PipelineConfig
 from sd_pipeline.evaluate.prompts import PromptSet, load_prompt_set
+from sd_pipeline.ingest.versions import iter_samples_many
 from sd_pipeline.storage import Store
-from sd_pipeline.train.cache import iter_version_samples
 from sd_pipeline.train.trainer import dataset_versions, final_prefix
 
 if TYPE_CHECKING:
@@ -119,8 +119,7 @@ def evaluate(config: PipelineConfig, run_id: str, *, out_prefix: str | None = No
         config.storage.endpoint_url,
     )
     shared = _Shared(
-        holdout=[s for s in iter_version_samples(store, config.dataset.name, versions)
-                 if s.meta.get("split") == "holdout"],
+        holdout=list(iter_samples_many(store, config.dataset.name, versions, split="holdout")),
         versions=versions,
     )
     if not shared.holdout:
@@ -418,7 +417,8 @@ def holdout_losses(
     import torch
     import torch.nn.functional as F
 
-    from sd_pipeline.train.trainer import _draw_latents, sdxl_added_conditions
+    from sd_pipeline.models.conditioning import sdxl_conditions
+    from sd_pipeline.train.trainer import _draw_latents
 
     prediction_type = scheduler.config["prediction_type"]
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -440,7 +440,7 @@ def holdout_losses(
                 x0, eps = latents[i : i + batch_size].to(device), noise[i : i + batch_size].to(device)
                 added = None
                 if pooled is not None:
-                    added = {k: v.to(device) for k, v in sdxl_added_conditions(
+                    added = {k: v.to(device) for k, v in sdxl_conditions(
                         pooled[rows], bucket.original_size[i : i + batch_size],
                         bucket.crop_top_left[i : i + batch_size], (bucket.bucket.height, bucket.bucket.width),
                     ).items()}

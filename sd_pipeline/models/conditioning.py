@@ -96,7 +96,6 @@ def added_conditions(
     """
     if not parts.is_sdxl:
         return None
-    import torch
 
     if pooled is None:
         raise ValueError("pooled is None but the model is SDXL; pass encode_prompts(...).pooled")
@@ -110,6 +109,20 @@ def added_conditions(
     if len(target_size) != 2:
         raise ValueError(f"target_size {target_size!r} must be (height, width)")
     _check_added_width(parts, pooled)
+    return sdxl_conditions(pooled, original_sizes, crops_top_left, target_size)
+
+
+def sdxl_conditions(
+    pooled: torch.Tensor,
+    original_sizes: torch.Tensor,
+    crops_top_left: torch.Tensor,
+    target_size: tuple[int, int],
+) -> dict[str, torch.Tensor]:
+    """The ``added_cond_kwargs`` themselves, unchecked: for loops that hold no ``SDComponents``
+    (training on the latent cache) and have checked the shapes once."""
+    import torch
+
+    n = pooled.shape[0]
     target = torch.tensor([list(target_size)], dtype=pooled.dtype, device=pooled.device).expand(n, 2)
     time_ids = torch.cat(
         [original_sizes.to(pooled.device, pooled.dtype), crops_top_left.to(pooled.device, pooled.dtype),

@@ -23,13 +23,14 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd_pipeline.ingest.shards import ShardSample
+from sd_pipeline.ingest.versions import iter_samples_many
 from sd_pipeline.train.buckets import Bucket, cover_and_crop, make_buckets, nearest_bucket
 
 if TYPE_CHECKING:
@@ -300,20 +301,6 @@ def build_cache(
     }
 
 
-def iter_version_samples(store: Store, dataset: str, versions: list[str]) -> Iterator[ShardSample]:
-    """The samples of several versions in order; an image (by sha256) seen before is skipped."""
-    from sd_pipeline.ingest.versions import iter_samples
-
-    seen: set[str] = set()
-    for version in versions:
-        for sample in iter_samples(store, dataset, version):
-            digest = str(sample.meta.get("sha256") or hashlib.sha256(sample.image).hexdigest())
-            if digest in seen:
-                continue
-            seen.add(digest)
-            yield sample
-
-
 def ensure_cache(
     config: PipelineConfig,
     store: Store,
@@ -347,7 +334,7 @@ def ensure_cache(
         store.delete_prefix(prefix)  # leftovers of a crashed build, or a forced rebuild
         with tempfile.TemporaryDirectory(prefix="sd-cache-") as tmp:
             index = build_cache(
-                iter_version_samples(store, config.dataset.name, versions),
+                iter_samples_many(store, config.dataset.name, versions),
                 parts,
                 buckets_for(config),
                 Path(tmp),

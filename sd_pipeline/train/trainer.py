@@ -462,7 +462,9 @@ class _Run:
                 pooled[drop] = caps.empty_pooled
         added = None
         if pooled is not None:
-            added = sdxl_added_conditions(
+            from sd_pipeline.models.conditioning import sdxl_conditions
+
+            added = sdxl_conditions(
                 pooled,
                 data.original_size[idx],
                 data.crop_top_left[idx],
@@ -619,17 +621,6 @@ class _Run:
             summary["final_loss"],
         )
         return summary
-
-
-def sdxl_added_conditions(
-    pooled: torch.Tensor, original_size: torch.Tensor, crop_top_left: torch.Tensor, target: tuple[int, int]
-) -> dict[str, torch.Tensor]:
-    """SDXL's micro-conditioning: pooled text embedding + (original size, crop, target size)."""
-    import torch
-
-    target_t = torch.tensor(target, dtype=torch.long).expand(len(pooled), 2)
-    time_ids = torch.cat([original_size, crop_top_left, target_t], dim=1).to(pooled.dtype)
-    return {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def _draw_latents(
