@@ -320,6 +320,12 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 (no) on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet (inductor, in place). Compiling costs 1-2 minutes at the first "
+        "step (less with inductor's on-disk cache), then each step is faster (docs/training.md has the "
+        "figures): worth it for runs of a few hundred steps or more.",
+    )
     ema: bool = Field(False, description="Keep an exponential moving average of the trained weights and "
                       "publish it as the final weights.")
     ema_decay: float = Field(0.9999, gt=0.0, lt=1.0)

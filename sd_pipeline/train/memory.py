@@ -71,7 +71,9 @@ def estimate(base_path: Path, tc: Any, resolution: int, precision: str) -> Memor
     if tc.gradient_checkpointing:
         activations /= CHECKPOINTING_FACTOR
     return MemoryEstimate(
-        weights=params * 4,  # fp32 master weights; autocast makes the half-precision copies
+        # Full: fp32 master weights (autocast makes the half-precision copies); LoRA on a GPU keeps
+        # the frozen base in the autocast dtype.
+        weights=params * (element if tc.method == "lora" else 4),
         trainable=trainable * 4,  # gradients
         optimizer=trainable * optimizer_bytes,
         activations_per_sample=activations,
