@@ -270,6 +270,47 @@ def test_a_config_that_cannot_fit_is_refused_with_what_would(tiny_sd: Path) -> N
     check_fits(est, est.total + GIB, "training tiny at 1024 px")  # fits: no error
 
 
+def test_sharded_rows_read_the_rows_asked_for_across_shards() -> None:
+    from sd_pipeline.train.cache import ShardedRows
+
+    whole = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2)
+    rows = ShardedRows([whole[:3], whole[3:5], whole[5:]])
+    idx = torch.tensor([6, 0, 4, 3, 2, 6])
+    assert len(rows) == 7 and rows.shape == (7, 2)
+    assert torch.equal(rows[idx], whole[idx])
+    assert torch.equal(rows[:], whole) and torch.equal(rows[[1]], whole[[1]])
+
+
+def test_a_cache_in_s3_is_mapped_from_one_local_copy(
+    tmp_path: Path, tiny_sd: Path, bucket: str, home: Path
+) -> None:
+    from safetensors.torch import load
+
+    from sd_pipeline.models.base import default_cache_dir
+    from sd_pipeline.storage import Store
+
+    config = make_config(tmp_path, tiny_sd, **{"storage.root": f"s3://{bucket}/store"})
+    store = Store.from_uri(config.storage.root)
+    write_dataset(store, shape_samples())
+    first, summary = ensure_cache(config, store, [VERSION], tiny_sd, splits=("train",))
+    assert summary["hit"] is False
+    copies = list((default_cache_dir().parent / "latents").iterdir())
+    assert len(copies) == 1 and (copies[0] / ".complete").is_file()
+    stamp = (copies[0] / ".complete").stat().st_mtime_ns
+
+    again, summary = ensure_cache(config, store, [VERSION], tiny_sd, splits=("train",))
+    assert summary["hit"] is True
+    assert (copies[0] / ".complete").stat().st_mtime_ns == stamp, "the local copy was downloaded again"
+    # What the mapped rows hold is what the store holds.
+    prefix = f"cache/{config.dataset.name}/{summary['fingerprint']}"
+    for data in again.split("train"):
+        entry = again.index["splits"]["train"][data.bucket.name]
+        stored = torch.cat([load(store.get_bytes(f"{prefix}/train/{s}"))["mean"] for s in entry["shards"]])
+        assert torch.equal(data.mean[:], stored)
+    # and a run trains from it
+    assert train(config, "from-s3")["steps"] == config.train.steps
+
+
 def test_the_optimizer_is_torchs_fused_adamw() -> None:
     from sd_pipeline.config import TrainConfig
     from sd_pipeline.train.trainer import _optimizer

@@ -432,7 +432,7 @@ def holdout_losses(
     for t in timesteps:
         total, count = 0.0, 0
         for b, bucket in enumerate(data):
-            latents = _draw_latents(bucket.mean, bucket.std, vae_config, None)
+            latents = _draw_latents(bucket.mean[:], bucket.std[:], vae_config, None)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + t + 7919 * b)
             noise = torch.randn(latents.shape, generator=gen)
             for i in range(0, len(bucket), batch_size):

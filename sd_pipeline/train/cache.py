@@ -79,12 +79,55 @@ def cache_prefix(dataset: str, fingerprint: str) -> str:
 # -- reading ------------------------------------------------------------------------------
 
 
+class ShardedRows:
+    """One field's rows over a bucket's shard files, memory-mapped.
+
+    The shards are opened with ``safetensors.torch.load_file``, whose tensors are views of
+    the mapped file: nothing is read until a batch asks for its rows, and what was read is
+    page cache the kernel can drop. Host memory therefore stays flat as the dataset grows
+    (the old reader held every latent in RAM: ~13 GB per 100k images at 512 px).
+    """
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        import torch
+
+        if not parts:
+            raise ValueError("ShardedRows needs at least one shard")
+        self.parts = parts
+        sizes = torch.tensor([len(p) for p in parts])
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        """Rows by a 1-D index tensor or list (in that order), or a slice."""
+        import torch
+
+        if isinstance(index, slice):
+            return torch.cat(self.parts)[index] if len(self.parts) > 1 else self.parts[0][index]
+        idx = torch.as_tensor(index, dtype=torch.long)
+        if len(self.parts) == 1:
+            return self.parts[0][idx]
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        local = idx - self.starts[shard]
+        out = torch.empty((len(idx), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype)
+        for s in shard.unique().tolist():
+            picked = shard == s
+            out[picked] = self.parts[s][local[picked]]
+        return out
+
+
 @dataclass
 class BucketData:
     bucket: Bucket
     keys: list[str]
-    mean: torch.Tensor  # [n, C, h, w] unscaled VAE latents
-    std: torch.Tensor
+    mean: ShardedRows  # [n, C, h, w] unscaled VAE latents, memory-mapped
+    std: ShardedRows
     caption_index: torch.Tensor  # [n] -> row of Captions.hidden
     original_size: torch.Tensor  # [n, 2] (height, width) of the image before the bucket resize
     crop_top_left: torch.Tensor  # [n, 2]
@@ -121,12 +164,14 @@ class LatentCache:
 
 
 def load_cache(store: Store, prefix: str, splits: Iterable[str] = SPLITS) -> LatentCache:
+    """Open a committed cache: captions in memory, latents memory-mapped (``ShardedRows``)."""
     import torch
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     index = store.get_json(f"{prefix}/index.json")
-    raw = load(store.get_bytes(f"{prefix}/captions.safetensors"))
-    texts = json.loads(store.get_bytes(f"{prefix}/captions.json"))
+    folder = _local_folder(store, prefix, index)
+    raw = load_file(folder / "captions.safetensors")
+    texts = json.loads((folder / "captions.json").read_text())
     captions = Captions(
         texts=texts,
         hidden=raw["hidden"],
@@ -138,19 +183,42 @@ def load_cache(store: Store, prefix: str, splits: Iterable[str] = SPLITS) -> Lat
     for split in splits:
         buckets = []
         for name, entry in sorted(index["splits"].get(split, {}).items()):
-            parts = [load(store.get_bytes(f"{prefix}/{split}/{shard}")) for shard in entry["shards"]]
+            if not entry["shards"]:
+                continue
+            parts = [load_file(folder / split / shard) for shard in entry["shards"]]
+            small = ("caption_index", "original_size", "crop_top_left")
             buckets.append(
                 BucketData(
                     bucket=Bucket.parse(name),
                     keys=[k for shard in entry["keys"] for k in shard],
-                    **{
-                        f: torch.cat([p[f] for p in parts])
-                        for f in ("mean", "std", "caption_index", "original_size", "crop_top_left")
-                    },
+                    mean=ShardedRows([p["mean"] for p in parts]),
+                    std=ShardedRows([p["std"] for p in parts]),
+                    **{f: torch.cat([p[f] for p in parts]) for f in small},
                 )
             )
         cache.splits[split] = buckets
     return cache
+
+
+def _local_folder(store: Store, prefix: str, index: dict[str, Any]) -> Path:
+    """The cache's files on local disk: in place for a local store, else downloaded once.
+
+    A downloaded copy lives under ``<SD_PIPELINE_HOME>/work/latents/<fingerprint>-<built_at>``
+    (a rebuilt cache has the same fingerprint but another build time) and is complete only
+    when its ``.complete`` marker exists, so a download cut short is redone.
+    """
+    from sd_pipeline.models.base import default_cache_dir
+    from sd_pipeline.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        return store.local_path(prefix)
+    stamp = "".join(c if c.isalnum() else "-" for c in str(index.get("built_at", "")))
+    folder = default_cache_dir().parent / "latents" / f"{index['fingerprint']}-{stamp}"
+    if not (folder / ".complete").is_file():
+        log.info("latent cache %s: copying %s to %s", index["fingerprint"], store.uri(prefix), folder)
+        store.download_dir(prefix, folder)
+        (folder / ".complete").write_text(store.uri(prefix) + "\n")
+    return folder
 
 
 # -- building -----------------------------------------------------------------------------
