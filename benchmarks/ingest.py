@@ -6,7 +6,9 @@ RSS of:
 - ``ours-folder``   ``sd_pipeline.ingest.build.ingest`` on a local imagefolder
                     (``metadata.jsonl`` + ``images/``), every check, hash and write included;
 - ``ours-urls``     the same, from a parquet URL list (``kind: urls``) whose URLs a local
-                    ``ThreadingHTTPServer`` on 127.0.0.1 serves (``allow_private_networks: true``);
+                    ``ThreadingHTTPServer`` on 127.0.0.1 serves (``allow_private_networks: true``),
+                    speaking HTTP/1.1 as real image hosts do (``--server-protocol HTTP/1.0`` for
+                    http.server's default; img2dataset closes every connection either way);
 - ``img2dataset``   the same URL list through img2dataset (its own venv), webdataset output,
                     image_size 512, resize_mode center_crop, encode_quality 95 (its defaults:
                     area downscale, Lanczos upscale, OpenCV), processes_count = CPU count,
@@ -313,12 +315,20 @@ def child_pillow(count: int, draft: bool, resize_filter: str) -> dict:
     return {"seconds": time.perf_counter() - started, "ok": len(sizes), "failed": 0, "errors": {}}
 
 
-def child_serve() -> None:
-    """Serve the cache folder on 127.0.0.1 until killed; print the port first."""
+def child_serve(protocol: str = "HTTP/1.1") -> None:
+    """Serve the cache folder on 127.0.0.1 until killed; print the port first.
+
+    HTTP/1.1 by default, as every real image host speaks it: a connection stays open for the
+    next request unless the client asks to close it. img2dataset (urllib) sends ``Connection:
+    close`` on every request, so this changes nothing for it; a client that keeps
+    connections alive saves a connect (and the server a thread start) per image.
+    ``--server-protocol HTTP/1.0`` (``http.server``'s default) closes after every response."""
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Quiet(SimpleHTTPRequestHandler):
+        protocol_version = protocol
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -337,7 +347,7 @@ def child_serve() -> None:
 def child_main(args: argparse.Namespace) -> None:
     work = Path(args.work) if args.work else Path()
     if args.child == "serve":
-        child_serve()
+        child_serve(args.server_protocol)
         return
     if args.child == "ours-folder":
         result = child_ours("imagefolder", args.count, work, args.source, args.resize_filter, 0)
@@ -477,8 +487,9 @@ no optimize pass):
   ours-folder  sd_pipeline ingest of a local imagefolder: metadata + caption checks, header checks
                (size, pixels, frames, aspect), EXIF orientation, draft decode, {filt} resize, encode,
                sha256 + colour hash, exact and near-duplicate checks, shards, manifest, quarantine, commit.
-  ours-urls    the same from a parquet URL list: SSRF-checked downloads on {read_workers} threads
-               (read_workers) from the local HTTP server, then everything ours-folder does.
+  ours-urls    the same from a parquet URL list: SSRF-checked downloads from the local HTTP server
+               ({proto}) in the worker processes, {read_workers} at once in each (read_workers),
+               connections kept alive, then everything ours-folder does.
   img2dataset  img2dataset {i2d}: webdataset output, resize_mode center_crop, image_size {res}, encode_quality
                {q}, downscale area / upscale lanczos (OpenCV), {cpus} processes x {threads} threads; no
                dedup, no caption checks.
@@ -518,6 +529,13 @@ def main() -> None:
         default=0,
         help=f"dataset.source.read_workers of ours-urls (default: the config's, {OUR_READ_WORKERS})",
     )
+    parser.add_argument(
+        "--server-protocol",
+        default="HTTP/1.1",
+        choices=["HTTP/1.1", "HTTP/1.0"],
+        help="what the local image server speaks (default HTTP/1.1, as real hosts; HTTP/1.0 closes every "
+        "connection after one response, http.server's default)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -555,7 +573,14 @@ def main() -> None:
 
     ensure_images(max(args.sizes))
     server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--child", "serve"],
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            "serve",
+            "--server-protocol",
+            args.server_protocol,
+        ],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -588,6 +613,7 @@ def main() -> None:
             i2d=i2d_version,
             threads=I2D_THREADS,
             read_workers=read_workers,
+            proto=args.server_protocol,
         ),
         flush=True,
     )

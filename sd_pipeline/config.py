@@ -182,6 +182,12 @@ class DatasetConfig(_Section):
         "INTER_AREA, img2dataset's and kohya's choice; enlarging uses Lanczos), bicubic, or lanczos "
         "(sharpest, about 3x the resize cost). Part of the version id.",
     )
+    crop: Literal["center", "none"] = Field(
+        "center",
+        description="center = centre-crop every image to a dataset.resolution square; none = keep "
+        "the aspect ratio, shorter side resized to dataset.resolution (the longer side is at most "
+        "max_aspect_ratio times that), for training's aspect-ratio buckets. Part of the version id.",
+    )
     unit_size: int = Field(
         10_000,
         ge=1,

@@ -61,6 +61,8 @@ def processing_settings(config: PipelineConfig) -> dict[str, Any]:
         "resize_filter": ds.resize_filter,
         "near_duplicate_distance": ds.near_duplicate_distance,
         "safety": config.safety.model_dump(mode="json"),
+        # Only when not the default, so that the ids of centre-cropped versions stay as they were.
+        **({"crop": ds.crop} if ds.crop != "center" else {}),
     }
 
 

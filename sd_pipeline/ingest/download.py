@@ -5,6 +5,12 @@ after every redirect, and the connection goes to the checked address, so a secon
 answer cannot swap it), a time limit and a byte cap per download, retries with backoff
 on transient failures only, and the sites' ``X-Robots-Tag: noai`` opt-outs honoured as
 img2dataset honours them. Standard library only.
+
+Connections are kept alive and reused for the next URL on the same scheme, host and port
+(HTTP/1.1, as browsers and HTTP libraries do): that saves a TCP (and TLS) handshake per
+image on hosts that serve many images of a list. Reuse changes none of the checks: each
+URL's host is resolved and checked again, and a kept connection is used only when the
+address it is connected to is among the addresses just checked.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import socket
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -146,30 +153,36 @@ def _public_addresses(url: str, host: str, port: int, policy: DownloadPolicy) ->
     return addresses
 
 
-def _connect_any(addresses: Sequence[str], port: int, timeout: float | None) -> socket.socket:
+def _connect_any(addresses: Sequence[str], port: int, timeout: float | None) -> tuple[socket.socket, str]:
+    """A connected socket and the address it is connected to."""
     last: OSError | None = None
     for address in addresses:
         try:
             sock = socket.create_connection((address, port), timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
+            return sock, address
         except OSError as err:
             last = err
     raise last or OSError("no address to connect to")
 
 
 class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to addresses already checked, never to a fresh DNS answer."""
+    """Connects to addresses already checked, never to a fresh DNS answer; ``peer`` is the
+    address it connected to (what a later reuse is checked against)."""
+
+    peer: str | None = None
 
     def __init__(self, host: str, port: int, addresses: Sequence[str], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self.addresses = addresses
 
     def connect(self) -> None:
-        self.sock = _connect_any(self.addresses, self.port, self.timeout)
+        self.sock, self.peer = _connect_any(self.addresses, self.port, self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
+    peer: str | None = None
+
     def __init__(
         self, host: str, port: int, addresses: Sequence[str], timeout: float, context: ssl.SSLContext
     ) -> None:
@@ -178,11 +191,95 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.tls = context
 
     def connect(self) -> None:
-        sock = _connect_any(self.addresses, self.port, self.timeout)
+        sock, self.peer = _connect_any(self.addresses, self.port, self.timeout)
         self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)  # checks the certificate
 
 
 _TLS = ssl.create_default_context()
+_Conn = _PinnedHTTP | _PinnedHTTPS
+_Key = tuple[str, str, int]  # scheme, host, port
+
+
+class KeptConnections:
+    """Connections whose last response was read to its end and not marked ``Connection:
+    close``, kept for the next request to the same scheme, host and port.
+
+    A kept connection is handed out only when the address it is connected to is among the
+    addresses the new URL's host was just resolved to and checked against (so the private
+    address checks hold for reused connections too), and only while it has been idle less
+    than ``max_idle`` seconds (servers drop idle connections after a few seconds; one that
+    did anyway is retried once on a fresh connection). At most ``limit`` are kept.
+    Thread-safe: a connection is used by one download at a time.
+    """
+
+    def __init__(self, limit: int = 64, max_idle: float = 4.0) -> None:
+        self.limit, self.max_idle = limit, max_idle
+        self._lock = threading.Lock()
+        self._idle: dict[_Key, list[tuple[float, _Conn]]] = {}
+        self._count = 0
+        self._swept = time.monotonic()
+
+    def take(self, key: _Key, addresses: Sequence[str]) -> _Conn | None:
+        stale: list[_Conn] = []
+        found: _Conn | None = None
+        now = time.monotonic()
+        with self._lock:
+            kept = self._idle.get(key)
+            while kept and found is None:
+                since, conn = kept.pop()
+                self._count -= 1
+                if now - since < self.max_idle and conn.peer in addresses and conn.sock is not None:
+                    found = conn
+                else:
+                    stale.append(conn)
+            if kept is not None and not kept:
+                del self._idle[key]
+        for conn in stale:
+            conn.close()
+        return found
+
+    def give(self, key: _Key, conn: _Conn) -> None:
+        dropped: list[_Conn] = []
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept > self.max_idle:  # so no process keeps idle sockets for long
+                self._swept = now
+                for k in list(self._idle):
+                    fresh = [(since, c) for since, c in self._idle[k] if now - since < self.max_idle]
+                    dropped += [c for since, c in self._idle[k] if now - since >= self.max_idle]
+                    if fresh:
+                        self._idle[k] = fresh
+                    else:
+                        del self._idle[k]
+                self._count = sum(len(v) for v in self._idle.values())
+            if self._count >= self.limit:  # drop the longest idle one
+                k = min(self._idle, key=lambda k: self._idle[k][0][0])
+                dropped.append(self._idle[k].pop(0)[1])
+                self._count -= 1
+                if not self._idle[k]:
+                    del self._idle[k]
+            self._idle.setdefault(key, []).append((now, conn))
+            self._count += 1
+        for old in dropped:
+            old.close()
+
+    def close(self) -> None:
+        """Close every kept connection (the end of a list's downloads)."""
+        with self._lock:
+            kept = [conn for conns in self._idle.values() for _, conn in conns]
+            self._idle.clear()
+            self._count = 0
+        for conn in kept:
+            conn.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+
+KEPT = KeptConnections()
+# A kept connection the server closed while it was idle fails like this before any
+# response arrives; the request is then sent once more on a fresh connection.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 # -- one download ---------------------------------------------------------------------
@@ -233,6 +330,22 @@ def _remaining(deadline: float, url: str) -> float:
     return left
 
 
+def _request(conn: _Conn, target: str, policy: DownloadPolicy, timeout: float) -> http.client.HTTPResponse:
+    conn.timeout = timeout
+    if conn.sock is not None:  # a kept connection: its last request left another timeout
+        conn.sock.settimeout(timeout)
+    conn.request(
+        "GET",
+        target,
+        headers={
+            "User-Agent": policy.user_agent,
+            "Accept": "image/*,*/*;q=0.5",
+            "Accept-Encoding": "identity",
+        },
+    )
+    return conn.getresponse()
+
+
 def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
     deadline = time.monotonic() + policy.timeout
     current = url
@@ -240,25 +353,27 @@ def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
         scheme, host, port, target = _request_target(current)
         addresses = _public_addresses(current, host, port, policy)
         timeout = _remaining(deadline, current)
-        conn: http.client.HTTPConnection = (
+        key = (scheme, host, port)
+        kept = KEPT.take(key, addresses)
+        conn: _Conn = kept or (
             _PinnedHTTPS(host, port, addresses, timeout, _TLS)
             if scheme == "https"
             else _PinnedHTTP(host, port, addresses, timeout)
         )
+        reusable = False
         try:
-            conn.request(
-                "GET",
-                target,
-                headers={
-                    "User-Agent": policy.user_agent,
-                    "Accept": "image/*,*/*;q=0.5",
-                    "Accept-Encoding": "identity",
-                    "Connection": "close",
-                },
-            )
-            if conn.sock is not None:
-                conn.sock.settimeout(_remaining(deadline, current))
-            response = conn.getresponse()
+            try:
+                response = _request(conn, target, policy, timeout)
+            except _STALE:
+                if kept is None:
+                    raise
+                conn.close()  # the server closed it while it was kept: once more, fresh
+                conn = (
+                    _PinnedHTTPS(host, port, addresses, timeout, _TLS)
+                    if scheme == "https"
+                    else _PinnedHTTP(host, port, addresses, timeout)
+                )
+                response = _request(conn, target, policy, _remaining(deadline, current))
             if response.status in REDIRECTS:
                 location = response.getheader("Location")
                 if not location:
@@ -277,7 +392,10 @@ def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
                     f"{current} answered X-Robots-Tag: {opt_out}; the site "
                     "opts this image out of AI use (dataset.source.robots_directives)",
                 )
-            return _read_capped(response, conn, current, deadline, policy.max_bytes)
+            body = _read_capped(response, conn, current, deadline, policy.max_bytes)
+            # Read to its end on a connection the server keeps open: fit for the next URL.
+            reusable = response.isclosed() and not response.will_close and conn.sock is not None
+            return body
         except TimeoutError:
             raise _Transient(
                 "download_timeout",
@@ -296,7 +414,10 @@ def _fetch_once(url: str, policy: DownloadPolicy) -> bytes:
         except OSError as err:
             raise _Transient("connection_error", f"{current}: {err.strerror or err}") from None
         finally:
-            conn.close()
+            if reusable:
+                KEPT.give(key, conn)
+            else:  # redirects, refusals and errors: the rest of the response is not read
+                conn.close()
     raise ReadRefused(
         "too_many_redirects",
         f"{url} redirects more than dataset.source.max_redirects={policy.max_redirects} times",

@@ -42,6 +42,7 @@ def image_check(config: PipelineConfig) -> partial[ProcessedImage | Rejection]:
         max_aspect_ratio=ds.max_aspect_ratio,
         max_pixels=ds.max_pixels,
         resize_filter=ds.resize_filter,
+        crop=ds.crop,
     )
 
 

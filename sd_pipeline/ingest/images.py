@@ -34,7 +34,7 @@ class ProcessedImage:
     orig_width: int
     orig_height: int
     format: str
-    dhash: int  # colour difference hash of the upright centre crop, see ``dhash``
+    dhash: int  # colour difference hash of the upright centre crop (whole picture: crop none)
 
 
 DHASH_MARGIN = 6  # of 255: above JPEG noise on flat colour, below any real edge
@@ -68,6 +68,7 @@ def hamming(a: int, b: int) -> int:
 
 
 RESIZE_FILTERS = ("area", "bicubic", "lanczos")
+CROPS = ("center", "none")  # dataset.crop
 JPEG_QUALITY = 95  # 4:2:0 chroma, no optimize pass: the defaults of Pillow and OpenCV (img2dataset)
 
 
@@ -94,8 +95,13 @@ def process_image(
     max_aspect_ratio: float,
     max_pixels: int,
     resize_filter: str = "area",
+    crop: str = "center",
 ) -> ProcessedImage | Rejection:
-    """Check and normalise one image: EXIF orientation, RGB, centre-crop, resize, JPEG."""
+    """Check and normalise one image: EXIF orientation, RGB, centre-crop (``crop="center"``)
+    or not (``"none"``: the aspect ratio is kept, the shorter side becomes ``resolution``),
+    resize, JPEG."""
+    if crop not in CROPS:
+        raise ValueError(f"dataset.crop {crop!r} is not one of {list(CROPS)}")
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -145,13 +151,24 @@ def process_image(
     rgb = _to_rgb(upright)
     cw, ch = rgb.size
     side = min(cw, ch)
-    box = ((cw - side) / 2, (ch - side) / 2, (cw + side) / 2, (ch + side) / 2)
-    square = rgb.resize(
-        (resolution, resolution), _filter(resize_filter, side < resolution), box=box, reducing_gap=3.0
-    )
+    if crop == "center":
+        box = ((cw - side) / 2, (ch - side) / 2, (cw + side) / 2, (ch + side) / 2)
+        size = (resolution, resolution)
+    else:  # the whole picture; max_aspect_ratio (checked above) bounds the longer side
+        box = (0.0, 0.0, float(cw), float(ch))
+        size = kept_aspect_size(cw, ch, resolution)
+    resized = rgb.resize(size, _filter(resize_filter, side < resolution), box=box, reducing_gap=3.0)
     out = io.BytesIO()
-    square.save(out, format="JPEG", quality=JPEG_QUALITY)  # re-encoded from pixels: no EXIF/XMP survives
-    return ProcessedImage(out.getvalue(), resolution, resolution, orig_w, orig_h, fmt, dhash(rgb, box))
+    resized.save(out, format="JPEG", quality=JPEG_QUALITY)  # re-encoded from pixels: no EXIF/XMP survives
+    return ProcessedImage(out.getvalue(), size[0], size[1], orig_w, orig_h, fmt, dhash(rgb, box))
+
+
+def kept_aspect_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``resolution`` and the aspect ratio kept (the
+    longer side rounded to the nearest pixel)."""
+    if width <= height:
+        return resolution, max(resolution, round(height * resolution / width))
+    return max(resolution, round(width * resolution / height)), resolution
 
 
 def _to_rgb(img):  # type: ignore[no-untyped-def]

@@ -107,7 +107,7 @@ class SourceRecords:
     kind: str
     records: Iterator[Record | Deferred]
     read_workers: int  # reads worth running at once for this source
-    portable: bool = False  # deferred reads may run in another process (local files)
+    portable: bool = False  # deferred reads may run in another process (local files, URLs)
 
 
 def source_records(source: SourceConfig, *, endpoint_url: str | None = None) -> SourceRecords:
@@ -131,7 +131,8 @@ def source_records(source: SourceConfig, *, endpoint_url: str | None = None) -> 
             list_format=source.list_format,
             endpoint_url=endpoint,
         )
-        return SourceRecords(kind, records, source.read_workers)
+        # Downloads need nothing of this process: the worker processes run them (portable).
+        return SourceRecords(kind, records, source.read_workers, portable=True)
 
     from sd_pipeline.ingest.imagefolder import LocalFolder, imagefolder_records, open_folder, sidecar_records
 

@@ -359,7 +359,7 @@ def planned_units(store: Store, staging: str) -> list[Unit]:
 
 class UnitInputs(NamedTuple):
     """A unit's indexed inputs, how many reads are worth running at once, and whether the
-    deferred reads may run in worker processes (local files) rather than here."""
+    deferred reads may run in worker processes (local files, URL downloads) rather than here."""
 
     records: Iterable[tuple[int, Record | Deferred]]
     read_workers: int
@@ -414,12 +414,14 @@ def run_unit(
     pool = workers or Workers(Examiner.from_config(config), config.dataset.workers)
     builder = UnitBuilder(config, store, unit)
     try:
-        if inputs.portable:  # workers read the files themselves: no image bytes pass through here
+        read_ahead = 0
+        if inputs.portable:  # workers read the inputs themselves: no image bytes pass through here
             jobs: Iterable[tuple[int, Record | Deferred]] = inputs.records
-        else:  # downloads and S3 reads run on this process's threads, then travel to a worker
+            read_ahead = inputs.read_workers if inputs.read_workers > 1 else 0  # downloads, at once
+        else:  # S3 reads run on this process's threads (one client), then travel to a worker
             jobs = _resolve_indexed(inputs.records, inputs.read_workers)
         entries = ((index, (index, job)) for index, job in jobs)
-        for index, outcome in pool.ordered(entries, expected=unit.stop - unit.start):
+        for index, outcome in pool.ordered(entries, expected=unit.stop - unit.start, read_ahead=read_ahead):
             builder.add(index, outcome)
         summary = builder.finish(time.perf_counter() - started)
     except BaseException:

@@ -1,12 +1,17 @@
 """Per-input work on all cores, results in input order.
 
-Reading (local files), caption and image checks, decoding, resizing, encoding and hashing
-run in worker processes, a chunk of inputs per task, while this process lists inputs,
-downloads (URL lists, S3), records decisions and writes shards. A bounded window of
-chunks is in flight, so workers never wait for this process between batches and memory
-holds at most ``window`` chunks of raw images. Results come back in the order inputs went
-in, which keeps every decision downstream (duplicates, shard contents, the version id)
-independent of how many workers ran.
+Reading (local files, URL downloads), caption and image checks, decoding, resizing,
+encoding and hashing run in worker processes, a chunk of inputs per task, while this
+process lists inputs, reads S3 objects, records decisions and writes shards. A bounded
+window of chunks is in flight, so workers never wait for this process between batches and
+memory holds at most ``window`` chunks of raw images. Results come back in the order
+inputs went in, which keeps every decision downstream (duplicates, shard contents, the
+version id) independent of how many workers ran.
+
+With ``read_ahead`` > 1 (URL lists), a worker starts all the reads of its chunk at once on
+that many threads of its own and checks each input as soon as it and those before it have
+arrived: the downloaded bytes never cross a process boundary, and this process's GIL is
+not shared with dozens of download threads.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import logging
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -32,6 +38,38 @@ POOL_AFTER_S = 0.5  # auto mode: start the pool once in-process work is expected
 def process_chunk(jobs: list[Any], fn: Callable[[Any], Any]) -> list[Any]:
     """Run ``fn`` on each job of a chunk (in a worker process)."""
     return [fn(job) for job in jobs]
+
+
+_READERS: dict[int, ThreadPoolExecutor] = {}  # this process's read threads, by count
+_READERS_LOCK = threading.Lock()
+
+
+def _readers(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` read threads, kept between chunks."""
+    with _READERS_LOCK:
+        pool = _READERS.get(threads)
+        if pool is None:
+            pool = _READERS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sd-read")
+        return pool
+
+
+def _read(job: tuple[Any, Any]) -> tuple[Any, Any]:
+    tag, pending = job
+    return tag, (pending() if callable(pending) else pending)
+
+
+def process_chunk_read_ahead(
+    jobs: list[tuple[Any, Any]], fn: Callable[[Any], Any], threads: int
+) -> list[Any]:
+    """``process_chunk`` for jobs ``(tag, deferred read)``: every read of the chunk starts at
+    once on ``threads`` threads; ``fn`` then runs on each job, in order, as it arrives."""
+    pool = _readers(threads)
+    reads = [pool.submit(_read, job) for job in jobs]
+    try:
+        return [fn(read.result()) for read in reads]
+    finally:
+        for read in reads:  # after a failure: drop reads not started
+            read.cancel()
 
 
 class _Done(Generic[T]):
@@ -65,6 +103,33 @@ def _parent_main_hidden() -> Iterator[None]:
     finally:
         if main is not None:
             main.__dict__.update(saved)
+
+
+PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
+
+
+def _widen_pipes(pool: ProcessPoolExecutor) -> None:
+    """Give the pool's task and result pipes 1 MiB instead of 64 KiB (Linux).
+
+    A chunk of processed images (1-3 MB), or of raw ones read from S3 here, then crosses in
+    a few writes instead of dozens, each of which made the sender wait until the other side
+    was scheduled and, in this process, held the GIL: on a busy machine workers sat idle.
+    Best effort: where the pipes cannot grow, they stay as they are.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a Unix
+        return
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is None:
+        return
+    for queue in (getattr(pool, "_call_queue", None), getattr(pool, "_result_queue", None)):
+        end = getattr(queue, "_reader", None)
+        try:
+            if end is not None:
+                fcntl.fcntl(end.fileno(), setpipe, PIPE_BYTES)
+        except OSError:  # above the system's limit for an unprivileged user
+            pass
 
 
 class Workers:
@@ -104,6 +169,7 @@ class Workers:
         wanted = not self.auto or self.inline_seconds + projected >= POOL_AFTER_S
         if self.pool is None and self.workers > 1 and wanted:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            _widen_pipes(self.pool)
             with _parent_main_hidden():  # N jobs at once start all N processes (one per submit)
                 started = [self.pool.submit(process_chunk, [], self.fn) for _ in range(self.workers)]
                 for future in started:
@@ -111,22 +177,33 @@ class Workers:
             log.info("image workers: %d processes", self.workers)
         return self.pool
 
-    def _submit(self, jobs: list[Any]) -> Future[list[Any]] | _Done[list[Any]]:
+    def _submit(self, jobs: list[Any], read_ahead: int = 0) -> Future[list[Any]] | _Done[list[Any]]:
         if not jobs:
             return _Done([])
         pool = self._executor()
         if pool is not None:
+            if read_ahead > 1:
+                return pool.submit(process_chunk_read_ahead, jobs, self.fn, read_ahead)
             return pool.submit(process_chunk, jobs, self.fn)
         started = time.perf_counter()
-        done = process_chunk(jobs, self.fn)
+        done = (
+            process_chunk_read_ahead(jobs, self.fn, read_ahead)
+            if read_ahead > 1
+            else process_chunk(jobs, self.fn)
+        )
         self.inline_seconds += time.perf_counter() - started
         self.inline_jobs += len(jobs)
         return _Done(done)
 
-    def ordered(self, entries: Iterable[tuple[T, Any]], expected: int = 0) -> Iterator[tuple[T, Any]]:
+    def ordered(
+        self, entries: Iterable[tuple[T, Any]], expected: int = 0, read_ahead: int = 0
+    ) -> Iterator[tuple[T, Any]]:
         """For each ``(tag, job)`` in order, ``(tag, fn(job))``; a job of None passes through
         as ``(tag, None)`` at its place in the order. ``expected``: how many entries will
-        come (a hint for starting the pool)."""
+        come (a hint for starting the pool). ``read_ahead`` > 1: jobs are ``(tag, deferred
+        read)`` pairs whose reads a worker runs concurrently on that many threads, in chunks
+        of at least that many jobs (``process_chunk_read_ahead``)."""
+        chunk = max(CHUNK, read_ahead)
         window: deque[tuple[list[tuple[T, bool]], Future[list[Any]] | _Done[list[Any]]]] = deque()
         tags: list[tuple[T, bool]] = []
         jobs: list[Any] = []
@@ -145,11 +222,11 @@ class Workers:
                 tags.append((tag, job is not None))
                 if job is not None:
                     jobs.append(job)
-                if len(jobs) >= CHUNK or len(tags) >= 4 * CHUNK:
-                    window.append((tags, self._submit(jobs)))
+                if len(jobs) >= chunk or len(tags) >= 4 * chunk:
+                    window.append((tags, self._submit(jobs, read_ahead)))
                     tags, jobs = [], []
                     yield from drain(self.window)
-            window.append((tags, self._submit(jobs)))
+            window.append((tags, self._submit(jobs, read_ahead)))
             yield from drain(0)
         finally:
             for _, future in window:  # the consumer stopped early or failed

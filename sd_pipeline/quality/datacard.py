@@ -109,8 +109,13 @@ def render_datacard(
         "",
         "## Images",
         "",
-        f"Processed to {ingest.get('processing', {}).get('resolution')} px squares (centre crop), "
-        "re-encoded as JPEG from pixels.",
+        (
+            f"Processed to {ingest.get('processing', {}).get('resolution')} px squares (centre crop), "
+            if ingest.get("processing", {}).get("crop", "center") == "center"
+            else f"Resized to a shorter side of {ingest.get('processing', {}).get('resolution')} px, "
+            "aspect ratio kept (dataset.crop: none), "
+        )
+        + "re-encoded as JPEG from pixels.",
         "",
         "Shorter side of the source images:",
         "",
