@@ -246,6 +246,10 @@ class _Run:
             # In place (nn.Module.compile): parameter names, checkpoints and the published weights
             # stay those of the plain module. Compiling happens on the first step.
             self.unet.compile()
+            log.info(
+                "train.compile: the UNet compiles during the first step (minutes for a full-size UNet, "
+                "less with inductor's disk cache); steady-state samples/s leaves the first steps out"
+            )
         self.named = {
             f"{name}.{n}": p
             for name, m in self.modules.items()
