@@ -212,6 +212,12 @@ class AirflowStack:
         raise StackError(f"no new {run_type} run of {dag_id} after {timeout:.0f}s\n{self.service_logs()}")
 
 
+def dags_env(home: Path, config: Path) -> dict[str, str]:
+    """The product's Airflow environment for the embedded ``home`` with pipeline ``config``, as
+    ``airflow dags test`` needs it."""
+    return {**os.environ, **airflow_env(EmbeddedHome(home)), "SD_PIPELINE_CONFIG": str(config)}
+
+
 def stack_env(home: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The product's Airflow environment for the embedded home, plus this stack's port and users."""
     env = {

@@ -5,7 +5,6 @@ running a DAG whose quality gate fails (or whose first task cannot find its data
 from __future__ import annotations
 
 import json
-import os
 import socketserver
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow_stack import dags_env
 
 from sd_pipeline.airflow.alerts import (
     Alert,
@@ -263,16 +263,7 @@ with create_session() as s:
 
 
 def airflow_env(home: Path, config: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "SD_PIPELINE_HOME": str(home),
-        "SD_PIPELINE_CONFIG": str(config),
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__API__BASE_URL": "http://airflow.example.com:8080",
-        "GX_ANALYTICS_ENABLED": "false",
-    }
+    return {**dags_env(home, config), "AIRFLOW__API__BASE_URL": "http://airflow.example.com:8080"}
 
 
 def dags_test(dag_id: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

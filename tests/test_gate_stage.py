@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from airflow_stack import dags_env
 from PIL import Image
 
 from sd_pipeline.config import parse_config
@@ -114,15 +114,7 @@ def test_airflow_stops_the_ingest_dag_on_a_failed_gate(home: Path) -> None:
     config.write_text(
         (REPO / "configs" / "demo.yaml").read_text().replace("min_rows: 100", "min_rows: 100000")
     )
-    env = {
-        **os.environ,
-        "SD_PIPELINE_HOME": str(home),
-        "SD_PIPELINE_CONFIG": str(config),
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "GX_ANALYTICS_ENABLED": "false",
-    }
+    env = dags_env(home, config)
     bin_dir = Path(sys.executable).parent
     generate_shapes_dataset(home / "raw" / "shapes", count=60)
     build_tiny_safety_classifier(home / "models" / "safety-tiny")

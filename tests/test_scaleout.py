@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from airflow_stack import dags_env
 from PIL import Image, ImageDraw
 
 from sd_pipeline.config import PipelineConfig, parse_config
@@ -267,15 +267,7 @@ def test_the_mapped_dag_builds_the_version_of_one_process(tmp_path: Path, raw: P
         "quality: {min_rows: 10, max_quarantine_rate: 0.5, max_near_duplicate_rate: 0.5}\n"
         "safety: {classifier: null}\n"
     )
-    env = {
-        **os.environ,
-        "SD_PIPELINE_HOME": str(home),
-        "SD_PIPELINE_CONFIG": str(config),
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "GX_ANALYTICS_ENABLED": "false",
-    }
+    env = dags_env(home, config)
     airflow = Path(sys.executable).with_name("airflow")
     subprocess.run([str(airflow), "db", "migrate"], env=env, check=True, capture_output=True)
     out = subprocess.run(
