@@ -130,10 +130,10 @@ def build_sd15_shaped(folder: Path, captions: list[str]) -> Path:
     captions (no hub here), which changes the embedding table, not the compute.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sd_pipeline.models.tiny import BOS, EOS, write_clip_vocab
+    from sd_pipeline.models.tiny import BOS, EOS, sd_scheduler, write_clip_vocab
 
     if (folder / "model_index.json").is_file():
         return folder
@@ -151,11 +151,8 @@ def build_sd15_shaped(folder: Path, captions: list[str]) -> Path:
         num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS],
     ))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                              steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

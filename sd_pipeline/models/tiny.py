@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTokenizer
 
 log = logging.getLogger("sd_pipeline.models")
@@ -179,13 +180,27 @@ def _info(kind: str, description: str, captions: list[str], seed: int, inputs: s
     }
 
 
+def sd_scheduler() -> DDPMScheduler:
+    """Stable Diffusion 1.x's training noise schedule (scaled-linear betas, epsilon)."""
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
 def _build(folder: Path, captions: list[str], seed: int, inputs: str) -> dict[str, Any]:
     import torch
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
     )
-    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
     from transformers import CLIPTextModel
 
     (tokenizer,), vocab = _caption_tokenizers(folder, captions, [None])
@@ -205,21 +220,12 @@ def _build(folder: Path, captions: list[str], seed: int, inputs: str) -> dict[st
         )
         vae = _vae()
         text_encoder = CLIPTextModel(_text_config(vocab, hidden=32, projection=32))
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),  # type: ignore[arg-type]  # a Karras-family enum in the stub
         safety_checker=None,  # type: ignore[arg-type]
         feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
