@@ -346,18 +346,7 @@ class _Run:
                     or validate_due
                     or step % every == 0
                 ):
-                    # One device-to-host read for the steps since the last: a GPU keeps the queue
-                    # full in between instead of waiting on each step's loss.
-                    values = torch.stack([torch.stack([lo, g]) for _, lo, g in pending]).tolist()
-                    for (at, _, _), (value, _) in zip(pending, values, strict=True):
-                        if not math.isfinite(value):
-                            raise FloatingPointError(
-                                f"loss is {value} at step {at} of run {self.run_id}; lower "
-                                f"train.learning_rate (now {tc.learning_rate}) or raise train.lr_warmup_steps"
-                            )
-                        recent = (recent + [value])[-LOSS_WINDOW:]
-                    loss, grad_norm = values[-1]
-                    pending.clear()
+                    recent, loss, grad_norm = self._read_losses(pending, recent)
                 if step == start + warm_steps:
                     self.steady = (time.perf_counter(), samples)
                 lr = float(self.lr_scheduler.get_last_lr()[0])
@@ -394,6 +383,28 @@ class _Run:
                 self.steady_rate = (samples - s_warm) / max(time.perf_counter() - t_warm, 1e-9)
         monitor.close()
         return self._finish(start, seconds, samples, recent)
+
+    def _read_losses(
+        self, pending: list[tuple[int, torch.Tensor, torch.Tensor]], recent: list[float]
+    ) -> tuple[list[float], float, float]:
+        """One device-to-host read for the steps since the last (a GPU keeps its queue full in
+        between instead of waiting on each step's loss); refuses a non-finite loss by its step.
+
+        Empties ``pending``; returns the recent-loss window and the newest loss and grad norm.
+        """
+        import torch
+
+        values = torch.stack([torch.stack([lo, g]) for _, lo, g in pending]).tolist()
+        for (at, _, _), (value, _) in zip(pending, values, strict=True):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss is {value} at step {at} of run {self.run_id}; lower train.learning_rate "
+                    f"(now {self.tc.learning_rate}) or raise train.lr_warmup_steps"
+                )
+            recent = (recent + [value])[-LOSS_WINDOW:]
+        pending.clear()
+        loss, grad_norm = values[-1]
+        return recent, loss, grad_norm
 
     def _step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches per process.
