@@ -311,6 +311,23 @@ def test_a_cache_in_s3_is_mapped_from_one_local_copy(
     assert train(config, "from-s3")["steps"] == config.train.steps
 
 
+def test_a_non_finite_loss_is_refused_by_the_step_it_happened_at() -> None:
+    """Losses are read in batches; a NaN among them still names its own step."""
+    from sd_pipeline.config import TrainConfig
+    from sd_pipeline.train.trainer import _Run
+
+    run = _Run.__new__(_Run)
+    run.run_id, run.tc = "nan-run", TrainConfig(learning_rate=0.5)
+    grad = torch.tensor(1.0)
+    finite = [(1, torch.tensor(0.5), grad), (2, torch.tensor(0.25), grad)]
+    recent, loss, norm = run._read_losses(list(finite), [0.75])
+    assert recent == [0.75, 0.5, 0.25] and (loss, norm) == (0.25, 1.0)
+    pending = [*finite, (3, torch.tensor(float("nan")), grad), (4, torch.tensor(0.1), grad)]
+    refused = r"at step 3 of run nan-run; lower train\.learning_rate \(now 0\.5\)"
+    with pytest.raises(FloatingPointError, match=refused):
+        run._read_losses(pending, [])
+
+
 def test_the_optimizer_is_torchs_fused_adamw() -> None:
     from sd_pipeline.config import TrainConfig
     from sd_pipeline.train.trainer import _optimizer
