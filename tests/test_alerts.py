@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,20 +51,25 @@ class Endpoint:
     url: str
     received: list[Received] = field(default_factory=list)
     status: int = 200
+    location: str | None = None  # sent with a 3xx status
 
 
-@pytest.fixture
-def endpoint() -> Iterator[Endpoint]:
-    """An HTTP server on 127.0.0.1 that records every POST."""
+@contextmanager
+def _serving() -> Iterator[Endpoint]:
+    """An HTTP server on 127.0.0.1 that records every request (any method) and answers ``status``."""
     ep = Endpoint(url="")
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def _record(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             ep.received.append(Received(self.path, dict(self.headers.items()), body))
             self.send_response(ep.status)
+            if ep.location:
+                self.send_header("Location", ep.location)
             self.end_headers()
             self.wfile.write(b"ok")
+
+        do_POST = do_GET = _record  # noqa: N815 - http.server's names
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -72,9 +78,24 @@ def endpoint() -> Iterator[Endpoint]:
     ep.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield ep
-    server.shutdown()
-    server.server_close()
+    try:
+        yield ep
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    with _serving() as ep:
+        yield ep
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[Endpoint]:
+    """A second server: where a redirect points."""
+    with _serving() as ep:
+        yield ep
 
 
 class _SMTPHandler(socketserver.StreamRequestHandler):
@@ -186,8 +207,9 @@ def test_secrets_are_masked_in_the_cause() -> None:
 def test_a_webhook_alert_is_posted_as_json_with_the_token_only_in_the_header(
     endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _connection(monkeypatch, "sd_alerts", {"conn_type": "http", "host": f"{endpoint.url}/hook",
-                                           "password": TOKEN})
+    _connection(
+        monkeypatch, "sd_alerts", {"conn_type": "http", "host": f"{endpoint.url}/hook", "password": TOKEN}
+    )
     assert deliver(_alert(), AlertsConfig(connection_id="sd_alerts")) == "webhook"
     [got] = endpoint.received
     assert got.path == "/hook"
@@ -204,12 +226,18 @@ def test_a_webhook_alert_is_posted_as_json_with_the_token_only_in_the_header(
 def test_a_slack_alert_is_an_incoming_webhook_message(
     endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _connection(monkeypatch, "slack_alerts", {"conn_type": "slackwebhook", "host": f"{endpoint.url}/services",
-                                              "password": SLACK_PATH})
-    gate = _alert(kind="quality_gate_failed", title="Dataset shapes version 0123456789abcdef failed its "
-                  "quality gate", cause="1 failed expectation(s): expect_table_row_count_to_be_between",
-                  failed_expectations=["expect_table_row_count_to_be_between"],
-                  links={"quality_report": "http://airflow.local/sd-pipeline/store/x/quality/index.html"})
+    _connection(
+        monkeypatch,
+        "slack_alerts",
+        {"conn_type": "slackwebhook", "host": f"{endpoint.url}/services", "password": SLACK_PATH},
+    )
+    gate = _alert(
+        kind="quality_gate_failed",
+        title="Dataset shapes version 0123456789abcdef failed its quality gate",
+        cause="1 failed expectation(s): expect_table_row_count_to_be_between",
+        failed_expectations=["expect_table_row_count_to_be_between"],
+        links={"quality_report": "http://airflow.local/sd-pipeline/store/x/quality/index.html"},
+    )
     assert deliver(gate, AlertsConfig(connection_id="slack_alerts")) == "slack"
     [got] = endpoint.received
     assert got.path == f"/services/{SLACK_PATH}"
@@ -233,13 +261,77 @@ def test_an_unreachable_or_failing_endpoint_is_reported_without_its_address(
     assert SLACK_PATH not in str(err.value) and len(endpoint.received) == 1  # 403 is not retried
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_failed_delivery_and_the_token_does_not_follow_it(
+    status: int, endpoint: Endpoint, elsewhere: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sd_pipeline.airflow.alerts import AlertNotSent
+
+    endpoint.status, endpoint.location = status, f"{elsewhere.url}/collect"
+    _connection(
+        monkeypatch, "sd_alerts", {"conn_type": "http", "host": f"{endpoint.url}/hook", "password": TOKEN}
+    )
+    with pytest.raises(AlertNotSent, match=f"HTTP {status}.*redirect") as err:
+        deliver(_alert(), AlertsConfig(connection_id="sd_alerts"))
+    assert len(endpoint.received) == 1  # a redirect is not retried either
+    assert elsewhere.received == [], "the alert (and its bearer token) followed the redirect"
+    assert elsewhere.url not in str(err.value)
+
+
+def test_slack_text_from_the_data_cannot_mention_or_spoof_links(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _connection(
+        monkeypatch,
+        "slack_alerts",
+        {"conn_type": "slackwebhook", "host": f"{endpoint.url}/services", "password": SLACK_PATH},
+    )
+    hostile = _alert(
+        title="sd_train.train failed on <!channel>@v1",
+        cause="ValueError: caption <http://evil.example|click here> & <@U123> <!here>",
+        dataset="<!everyone>",
+        model_version="<http://evil.example|v2>",
+        links={"task_log": "http://airflow.local/x?a=1&b=<2>|spoof"},
+    )
+    assert deliver(hostile, AlertsConfig(connection_id="slack_alerts")) == "slack"
+    [got] = endpoint.received
+    message = got.json()
+    mrkdwn = [message["text"]] + [
+        t["text"]
+        for b in message["blocks"]
+        for t in [b.get("text") or {}, *b.get("fields", []), *b.get("elements", [])]
+        if t.get("type") == "mrkdwn"
+    ]
+    for text in mrkdwn:
+        for raw in ("<!channel>", "<!here>", "<!everyone>", "<@U123>", "<http://evil.example|"):
+            assert raw not in text, (raw, text)
+    assert message["text"] == (
+        ":rotating_light: sd_train.train failed on &lt;!channel&gt;@v1: ValueError: caption "
+        "&lt;http://evil.example|click here&gt; &amp; &lt;@U123&gt; &lt;!here&gt;"
+    )
+    links = message["blocks"][-1]["elements"][0]["text"]
+    assert links == "<http://airflow.local/x?a=1&amp;b=&lt;2&gt;%7Cspoof|task log>"
+
+
 def test_an_email_alert_goes_through_the_smtp_connection(
     smtp_server: tuple[int, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, messages = smtp_server
-    _connection(monkeypatch, "mail", {"conn_type": "smtp", "host": "127.0.0.1", "port": port,
-                                      "extra": {"disable_ssl": True, "disable_tls": True,
-                                                "from_email": "airflow@example.com", "retry_limit": 0}})
+    _connection(
+        monkeypatch,
+        "mail",
+        {
+            "conn_type": "smtp",
+            "host": "127.0.0.1",
+            "port": port,
+            "extra": {
+                "disable_ssl": True,
+                "disable_tls": True,
+                "from_email": "airflow@example.com",
+                "retry_limit": 0,
+            },
+        },
+    )
     cfg = AlertsConfig(connection_id="mail", email_to=["oncall@example.com"])
     assert deliver(_alert(), cfg) == "email"
     [mail] = messages
@@ -269,10 +361,16 @@ def airflow_env(home: Path, config: Path) -> dict[str, str]:
 def dags_test(dag_id: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
-    out = subprocess.run([str(bin_dir / "airflow"), "dags", "test", dag_id], env=env, capture_output=True,
-                         text=True, timeout=600)
-    probe = subprocess.run([sys.executable, "-c", TI_PROBE, dag_id], env=env, capture_output=True, text=True,
-                           check=True)
+    out = subprocess.run(
+        [str(bin_dir / "airflow"), "dags", "test", dag_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", TI_PROBE, dag_id], env=env, capture_output=True, text=True, check=True
+    )
     return out, json.loads(probe.stdout.strip().splitlines()[-1])
 
 
@@ -288,9 +386,12 @@ def test_a_failed_gate_in_airflow_alerts_once_and_is_not_retried(home: Path, end
     )
     generate_shapes_dataset(home / "raw" / "shapes", count=60)
     build_tiny_safety_classifier(home / "models" / "safety-tiny")
-    env = {**airflow_env(home, config),
-           "AIRFLOW_CONN_SD_ALERTS": json.dumps({"conn_type": "http", "host": f"{endpoint.url}/hook",
-                                                 "password": TOKEN})}
+    env = {
+        **airflow_env(home, config),
+        "AIRFLOW_CONN_SD_ALERTS": json.dumps(
+            {"conn_type": "http", "host": f"{endpoint.url}/hook", "password": TOKEN}
+        ),
+    }
     out, tis = dags_test("sd_ingest", env)
     log = out.stdout + out.stderr
     assert out.returncode != 0 and "failed its quality gate" in log, log[-4000:]
@@ -308,8 +409,7 @@ def test_a_failed_gate_in_airflow_alerts_once_and_is_not_retried(home: Path, end
     failed = rejected["failures"]
     assert "expect_table_row_count_to_be_between" in failed and alert["failed_expectations"] == failed
     assert alert["cause"] == f"{len(failed)} failed expectation(s): {', '.join(failed)}"
-    assert alert["links"]["task_log"].startswith(
-        "http://airflow.example.com:8080/dags/sd_ingest/runs/")
+    assert alert["links"]["task_log"].startswith("http://airflow.example.com:8080/dags/sd_ingest/runs/")
     assert alert["links"]["quality_report"] == (
         f"http://airflow.example.com:8080/sd-pipeline/store/datasets/shapes/versions/{version}/quality/index.html"
     )

@@ -12,7 +12,8 @@ alerts on, and sends one message through the Airflow connection ``alerts.connect
 Two kinds: ``quality_gate_failed`` (a dataset version was rejected: the failed expectations
 and the quality report) and ``task_failed`` (anything else, after its retries). A message
 never carries the connection's login, password or URL, and known secrets are masked in the
-cause text.
+cause text. Deliveries never follow a redirect (the token would go with it), and text from the
+data is escaped for Slack so it cannot mention ``@channel`` or dress up a link.
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ def _data_of_run(ti: Any, dag: Any) -> tuple[str | None, str | None, str | None]
             version = value.get(key) if key else value.get("dataset_version")
             model = value.get("model_version")
             if version or model:
-                return value.get("dataset"), (str(version) if version else None), (
-                    str(model) if model else None
+                return (
+                    value.get("dataset"),
+                    (str(version) if version else None),
+                    (str(model) if model else None),
                 )
     return None, None, None
 
@@ -317,19 +320,30 @@ def webhook_headers(conn: Connection) -> dict[str, str]:
 
 
 def _mrkdwn(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """``text`` shown as written: Slack reads ``<!channel>``, ``<@U…>`` and ``<url|label>`` as
+    controls, so a cause taken from data must not reach it unescaped (Slack's own three escapes)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_link(url: str, label: str) -> str:
+    # A "|" in the URL would end it early and make the rest the label.
+    return f"<{_mrkdwn(url).replace('|', '%7C')}|{_mrkdwn(label)}>"
 
 
 def slack_payload(alert: Alert) -> dict[str, Any]:
     """A Slack incoming-webhook message: a fallback ``text`` and Block Kit blocks."""
     icon = ":no_entry:" if alert.kind == "quality_gate_failed" else ":rotating_light:"
-    data = f"`{alert.dataset}@{alert.dataset_version}`" if alert.dataset_version else "not known yet"
+    data = (
+        f"`{_mrkdwn(f'{alert.dataset}@{alert.dataset_version}')}`"
+        if alert.dataset_version
+        else "not known yet"
+    )
     fields = [
-        f"*Step*\n`{alert.dag_id}.{alert.task_id}` (try {alert.try_number})",
+        f"*Step*\n`{_mrkdwn(f'{alert.dag_id}.{alert.task_id}')}` (try {alert.try_number})",
         f"*Data*\n{data}",
     ]
     if alert.model_version:
-        fields.append(f"*Model version*\n{alert.model_version}")
+        fields.append(f"*Model version*\n{_mrkdwn(alert.model_version)}")
     if alert.retry:
         fields.append(f"*Retries*\n{_mrkdwn(alert.retry)}")
     blocks: list[dict[str, Any]] = [
@@ -339,9 +353,21 @@ def slack_payload(alert: Alert) -> dict[str, Any]:
         {"type": "section", "text": {"type": "mrkdwn", "text": f"*What to do*\n{_mrkdwn(alert.action)}"}},
     ]
     if alert.links:
-        links = " · ".join(f"<{url}|{name.replace('_', ' ')}>" for name, url in alert.links.items())
+        links = " · ".join(_slack_link(url, name.replace("_", " ")) for name, url in alert.links.items())
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": links}]})
-    return {"text": f"{icon} {alert.title}: {alert.cause}"[:3000], "blocks": blocks}
+    # The fallback text is what notifications show, and Slack parses it as mrkdwn too.
+    return {"text": f"{icon} {_mrkdwn(alert.title)}: {_mrkdwn(alert.cause)}"[:3000], "blocks": blocks}
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib would resend the Authorization header to wherever the
+    Location points (another host included), so a 3xx surfaces as an HTTPError instead."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _post_json(url: str, payload: dict[str, Any], headers: dict[str, str], timeout: float) -> int:
@@ -352,9 +378,15 @@ def _post_json(url: str, payload: dict[str, Any], headers: dict[str, str], timeo
     for attempt in range(1, DELIVERY_ATTEMPTS + 1):
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - our config
+            with _OPENER.open(request, timeout=timeout) as response:
                 return int(response.status)
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                # Not the Location: it may be anywhere, and the alert was not sent there.
+                raise AlertNotSent(
+                    f"the alert endpoint answered HTTP {err.code}, a redirect; alerts do not follow "
+                    "redirects (they carry the connection's token): set the connection to the final URL"
+                ) from None
             if err.code not in (429, 500, 502, 503, 504) or attempt == DELIVERY_ATTEMPTS:
                 raise AlertNotSent(f"the alert endpoint answered HTTP {err.code}") from None
         except OSError as err:
@@ -398,8 +430,9 @@ def deliver(alert: Alert, cfg: AlertsConfig) -> str:
     if channel == "email":
         _send_email(alert, cfg.connection_id, list(cfg.email_to))
     elif channel == "slack":
-        _post_json(slack_url(conn), slack_payload(alert), {"Content-Type": "application/json"},
-                   cfg.timeout_seconds)
+        _post_json(
+            slack_url(conn), slack_payload(alert), {"Content-Type": "application/json"}, cfg.timeout_seconds
+        )
     else:
         _post_json(webhook_url(conn), alert.to_json(), webhook_headers(conn), cfg.timeout_seconds)
     return channel
@@ -429,8 +462,17 @@ class PipelineAlerts(BaseNotifier):
             channel = deliver(alert, cfg)
         except Exception as err:
             # Never the connection's address: a Slack URL is a secret.
-            log.error("could not send the %s alert through connection %r: %s", alert.kind,
-                      cfg.connection_id, redact(first_line(err)))
+            log.error(
+                "could not send the %s alert through connection %r: %s",
+                alert.kind,
+                cfg.connection_id,
+                redact(first_line(err)),
+            )
             raise
-        log.info("sent %s alert through connection %r (%s): %s", alert.kind, cfg.connection_id, channel,
-                 alert.title)
+        log.info(
+            "sent %s alert through connection %r (%s): %s",
+            alert.kind,
+            cfg.connection_id,
+            channel,
+            alert.title,
+        )
