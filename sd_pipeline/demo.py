@@ -192,18 +192,26 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def serve_uis(config: PipelineConfig) -> None:
-    """Airflow (standalone: api-server, scheduler, dag-processor, triggerer) and MLflow UI."""
-    home = EmbeddedHome.from_env()
-    setup_embedded_home(config)
-    env = {
+def uis_env(home: EmbeddedHome) -> dict[str, str]:
+    """The environment `make up` runs Airflow standalone and MLflow in."""
+    return {
         **os.environ,
         **airflow_env(home),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        # Every visitor is an admin (no login), so only this machine may reach it; Airflow's
+        # default is 0.0.0.0, the whole network. A shared Airflow is deployed (docs/deploy.md).
+        "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": "8080",
         # standalone starts its components as `airflow …` from PATH: this venv's first.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def serve_uis(config: PipelineConfig) -> None:
+    """Airflow (standalone: api-server, scheduler, dag-processor, triggerer) and MLflow UI."""
+    home = EmbeddedHome.from_env()
+    setup_embedded_home(config)
+    env = uis_env(home)
     mlflow = Path(sys.executable).with_name("mlflow")
     procs = [
         subprocess.Popen([_airflow_bin(), "standalone"], env=env),
