@@ -26,6 +26,22 @@ class StoreError(RuntimeError):
     """A storage operation failed; the message names the URI."""
 
 
+def local_target(folder: Path, relative: str, key: str) -> Path:
+    """Where object ``key`` (``relative`` to the copied prefix) goes below ``folder``.
+
+    Object keys are data, not paths: one with ``..`` parts or a leading ``/`` would otherwise
+    write anywhere the worker may, so anything that resolves outside ``folder`` is refused.
+    """
+    root = Path(folder).resolve()
+    target = (root / relative).resolve()
+    if root not in target.parents:
+        raise StoreError(
+            f"object key {key!r} would be written to {target}, outside {root}; keys with '..' parts "
+            "or a leading '/' are refused: rename or delete that object"
+        )
+    return target
+
+
 class Store(ABC):
     """Keys are ``/``-separated paths relative to the root URI."""
 
@@ -90,9 +106,12 @@ class Store(ABC):
         return keys
 
     def download_dir(self, prefix: str, local_dir: Path) -> Path:
+        """Copy every object under ``prefix`` below ``local_dir``; a key that would land outside
+        it is refused before anything is written."""
         prefix = prefix.rstrip("/") + "/"
-        for key in self.list(prefix):
-            self.get_file(key, Path(local_dir) / key[len(prefix) :])
+        targets = [(key, local_target(local_dir, key[len(prefix) :], key)) for key in self.list(prefix)]
+        for key, path in targets:
+            self.get_file(key, path)
         return Path(local_dir)
 
     @abstractmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,24 @@ def test_local_store_refuses_keys_outside_its_root(tmp_path: Path) -> None:
 def test_unknown_scheme_is_refused() -> None:
     with pytest.raises(StoreError, match="unsupported store URI"):
         Store.from_uri("gs://bucket/x")
+
+
+@pytest.mark.parametrize("hostile", ["up/../../escaped.txt", "up/{abs}"], ids=["dot-dot", "leading-slash"])
+def test_download_dir_refuses_keys_that_leave_the_target_folder(
+    bucket: str, s3_env: str, tmp_path: Path, hostile: str
+) -> None:
+    """An object whose key climbs out (``..``) or is absolute after the prefix is refused by name,
+    and nothing of the prefix is written: neither outside the folder nor half of it inside."""
+    import boto3
+
+    outside = tmp_path / "escaped.txt"
+    key = hostile.format(abs=outside)  # "up//<tmp>/escaped.txt": absolute once the prefix is cut
+    client = boto3.client("s3", endpoint_url=s3_env)
+    client.put_object(Bucket=bucket, Key="up/fine.txt", Body=b"fine")
+    client.put_object(Bucket=bucket, Key=key, Body=b"pwned")
+    store = Store.from_uri(f"s3://{bucket}")
+    target = tmp_path / "a" / "dst"
+    with pytest.raises(StoreError, match=re.escape(repr(key))):
+        store.download_dir("up", target)
+    assert not outside.exists() and not (tmp_path / "a" / "escaped.txt").exists()
+    assert not (target / "fine.txt").exists()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from sd_pipeline.home import EmbeddedHome
-from sd_pipeline.storage import COMMITTED, Store
+from sd_pipeline.storage import COMMITTED, Store, local_target
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,9 @@ def resolve_base_model(
         return target
     store = Store.from_uri(f"s3://{bucket}", endpoint_url)
     keys = [k for k in store.list(prefix) if not k.endswith(f"/{COMMITTED}")]
+    names = {key: key[len(prefix) + 1 :] if prefix else key for key in keys}
+    for key, name in names.items():  # before anything is copied: no key may climb out of the cache
+        local_target(target, name, key)
     if not any(k.endswith(required_file) for k in keys):
         raise FileNotFoundError(
             f"model {base!r} holds no {required_file}; upload a model folder "
@@ -74,7 +77,7 @@ def resolve_base_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for key in keys:
-            store.get_file(key, tmp / (key[len(prefix) + 1 :] if prefix else key))
+            store.get_file(key, local_target(tmp, names[key], key))
         (tmp / CACHE_MARKER).write_text(json.dumps({"uri": base, "files": len(keys)}))
         shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier copy
         try:
