@@ -5,9 +5,10 @@ Bounds match the pydantic config, so a bad value is refused in the form, not mid
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from sd_pipeline.config import DatasetConfig, PipelineConfig
+from sd_pipeline.config import DatasetConfig, PipelineConfig, RegistryConfig
 
 # Param name -> dotted config field it overrides (base_model goes through model.choices).
 PARAM_FIELDS: dict[str, str] = {
@@ -70,12 +71,14 @@ def train_params(config: PipelineConfig) -> dict[str, Any]:
         **_gpu_params(config),
         "seed": Param(t.seed, type="integer", minimum=0, title="Seed"),
         # Not a config override: approving changes who decides, not what is trained (run id).
+        # The form can only add an approval: registry.require_approval cannot be switched off here.
         "require_approval": Param(
             config.registry.require_approval,
             type="boolean",
             title="Require approval",
             description="Ask a person (an Airflow required action) before a challenger that beats "
-            "the champion is promoted.",
+            "the champion is promoted. Always on when the pipeline config sets "
+            "registry.require_approval; a run that asks for false is then refused.",
         ),
     }
 
@@ -152,6 +155,23 @@ def overrides_from_params(params: dict[str, Any], config: PipelineConfig | None 
     return overrides
 
 
+def approval_wanted(params: Mapping[str, Any], registry: RegistryConfig) -> bool:
+    """Whether a run asks a person before promoting: always when ``registry.require_approval``
+    is set, else when the run's ``require_approval`` param asks for it.
+
+    A trigger that asks for false where the config requires approval is refused rather than
+    quietly overruled, so whoever sent it learns that approval stays on.
+    """
+    asked = params.get("require_approval")
+    if registry.require_approval and asked is False:
+        raise ValueError(
+            "the trigger asks for require_approval false, but registry.require_approval is true in the "
+            "pipeline config: approval is enforced by the config and a run cannot switch it off; trigger "
+            "without require_approval (or with true), or change registry.require_approval in the config"
+        )
+    return bool(registry.require_approval or asked)
+
+
 def unknown_conf_keys(conf: dict[str, Any], params: dict[str, Any]) -> list[str]:
     """Keys of a trigger's conf that are no param of the DAG: a typo would otherwise train defaults."""
     return sorted(set(conf) - set(params))
@@ -183,4 +203,3 @@ def reevaluate_params(config: PipelineConfig) -> dict[str, Any]:
             "the version's MLflow run as reeval.<set name>.<metric>.",
         ),
     }
-

@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sd_pipeline.airflow.errors import GateFailed, fail_fast
-from sd_pipeline.airflow.params import overrides_from_params, unknown_conf_keys
+from sd_pipeline.airflow.params import approval_wanted, overrides_from_params, unknown_conf_keys
 from sd_pipeline.airflow.settings import config_path
 
 if TYPE_CHECKING:
@@ -131,7 +131,9 @@ def prepare() -> dict[str, Any]:
         )
     triggered = _triggering_version()
     with fail_fast("prepare_run"):
-        overrides = overrides_from_params(params, stages.load_config_uri(config_path()))
+        configured = stages.load_config_uri(config_path())
+        approval_wanted(params, configured.registry)  # refuses a run that would switch approval off
+        overrides = overrides_from_params(params, configured)
         if triggered:
             overrides["dataset.version"] = triggered
         config = stages.load_config_uri(config_path(), overrides)
@@ -270,8 +272,14 @@ def record_duration(context: Any) -> None:
         if not isinstance(run, dict) or "run_id" not in run:
             return
         store = stages.store_for(stages.load_config_uri(run["config_uri"]))
-        record = record_stage_time(store, run["run_id"], ti.task_id, ti.start_date, datetime.now(UTC),
-                                   try_number=int(getattr(ti, "try_number", 1) or 1))
+        record = record_stage_time(
+            store,
+            run["run_id"],
+            ti.task_id,
+            ti.start_date,
+            datetime.now(UTC),
+            try_number=int(getattr(ti, "try_number", 1) or 1),
+        )
         log.info("%s of run %s took %.1f s", ti.task_id, run["run_id"], record["seconds"])
     except Exception as err:  # noqa: BLE001 - monitoring must not fail the pipeline
         log.warning("could not record the duration of %s: %s", ti.task_id, err)
@@ -299,15 +307,15 @@ the model version with your name and comment.
 
 
 def promotion_check(run: dict[str, Any]) -> list[str]:
-    """Branch: ask a person only when the form asks for approval and the challenger would win."""
+    """Branch: ask a person when approval is wanted (config or form) and the challenger would win."""
     from sd_pipeline import stages
 
     ctx = _context()
     with fail_fast("promotion_check"):
         config = stages.load_config_uri(run["config_uri"])
         verdict = stages.promote(config, run["run_id"], check_only=True)
+        wanted = approval_wanted(ctx["params"], config.registry)
     ctx["ti"].xcom_push(key="verdict", value=verdict)
-    wanted = ctx["params"].get("require_approval", config.registry.require_approval)
     log.info(
         "promotion verdict for %s version %s: %s (%s)",
         verdict["model_name"],
@@ -395,10 +403,11 @@ def reevaluation_log(prepared: dict[str, Any], result: dict[str, Any]) -> dict[s
         logged = reevaluate.log_to_mlflow(config, prepared, result, by=who)
         client = reevaluate.open_client(config.registry)
         experiment_id = client.get_run(prepared["mlflow_run_id"]).info.experiment_id
-    push_links({
-        "sample_grid": store_url(config.storage.root, result.get("grid_uri")),
-        "mlflow_run": mlflow_run_url(experiment_id, prepared["mlflow_run_id"]),
-        "model_version": model_version_url(prepared["model_name"], prepared["model_version"]),
-    })
+    push_links(
+        {
+            "sample_grid": store_url(config.storage.root, result.get("grid_uri")),
+            "mlflow_run": mlflow_run_url(experiment_id, prepared["mlflow_run_id"]),
+            "model_version": model_version_url(prepared["model_name"], prepared["model_version"]),
+        }
+    )
     return logged
-
