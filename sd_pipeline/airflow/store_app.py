@@ -19,6 +19,14 @@ PUBLIC_KEYS = [
     re.compile(r"^runs/[A-Za-z0-9_.-]+/eval/[A-Za-z0-9_.-]+\.(png|json|md)$"),
     re.compile(r"^runs/[A-Za-z0-9_.-]+/MODEL_CARD\.md$"),
 ]
+# Every object is served as a sandboxed document: it shares the API server's origin, and the
+# Data Docs and cards carry text from the data. "sandbox" alone gives the page an opaque origin
+# and runs no script, so even markup that got through could not act as the logged-in user.
+REPORT_HEADERS = {
+    "Content-Security-Policy": "sandbox",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 
 
 def is_public(key: str) -> bool:
@@ -55,10 +63,6 @@ def create_app(store_factory: Any = None) -> Any:
             if key.endswith(".md")
             else (mimetypes.guess_type(key)[0] or "application/octet-stream")
         )
-        return Response(
-            content=data,
-            media_type=kind,
-            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
-        )
+        return Response(content=data, media_type=kind, headers=REPORT_HEADERS)
 
     return app

@@ -1,7 +1,8 @@
 """Pages a person reads about a gate run: GX Data Docs and a one-page offline summary.
 
 Both render from the stored GX result dict alone, so a report can be rebuilt from
-``validation.json`` at any time without the data.
+``validation.json`` at any time without the data. Both are served from the Airflow API
+server's origin, so neither may carry markup from the data nor load anything from elsewhere.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +18,43 @@ if TYPE_CHECKING:
     from sd_pipeline.quality.gate import GateResult
 
 SITE_NAME = "sd_pipeline_quality"
+# GX's page templates pull jQuery, Bootstrap, Vega and fonts from public CDNs (a few with no
+# integrity hash) and its logo from S3. The pages are plain HTML without them, so they go.
+_SCRIPT = re.compile(r"<script\b.*?</script\s*>", re.S | re.I)
+_REMOTE = re.compile(r"<(?:link|img)\b[^>]*\b(?:href|src)\s*=\s*[\"']?(?:https?:)?//[^>]*>", re.I)
+
+
+def escaped(value: Any) -> Any:
+    """``value`` with every string in it (dict keys too) HTML-escaped.
+
+    GX's Jinja templates are ``.j2`` files, outside its autoescape, so a licence or caption
+    among the unexpected values would otherwise land in the page as markup. GX does escape
+    string-template parameters (thresholds, column names): such a value holding ``<`` or ``&``
+    shows escaped twice, which is legible and safe.
+    """
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, dict):
+        return {escaped(k): escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [escaped(v) for v in value]
+    return value
+
+
+def without_remote_assets(page: str) -> str:
+    """A GX page without its scripts and its stylesheets and images from other origins.
+
+    Only GX's own markup can match: every value from the data was escaped before rendering.
+    """
+    return _REMOTE.sub("", _SCRIPT.sub("", page))
 
 
 def build_data_docs(results_json: dict[str, Any], site_dir: Path) -> Path:
     """Render a GX Data Docs site for one validation result into ``site_dir``.
 
     Returns the path of the validation's page. A fresh ephemeral context holds the result
-    and its suite just long enough for GX's own site builder to render them.
+    and its suite just long enough for GX's own site builder to render them. GX renders an
+    escaped copy of the result, and its pages are stripped of scripts and remote assets.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -37,6 +69,8 @@ def build_data_docs(results_json: dict[str, Any], site_dir: Path) -> Path:
         ExpectationConfiguration,
     )
 
+    # Only the results carry values from the data; GX escapes its own meta (batch parameters).
+    results_json = {**results_json, "results": escaped(results_json["results"])}
     result = expectationSuiteValidationResultSchema.load(results_json)
     context = gx.get_context(mode="ephemeral")
     # SiteBuilder takes show_how_to_buttons, though GX's TypedDict for the config omits it.
@@ -73,7 +107,35 @@ def build_data_docs(results_json: dict[str, Any], site_dir: Path) -> Path:
     pages = sorted((site_dir / "validations").rglob("*.html"))
     if len(pages) != 1:
         raise RuntimeError(f"expected one validation page in {site_dir}, found {len(pages)}")
+    for path in site_dir.rglob("*.html"):
+        path.write_text(without_remote_assets(path.read_text(encoding="utf-8")), encoding="utf-8")
+    # GX's site index is a table that its scripts fill in: without them it is empty.
+    (site_dir / "index.html").write_text(_site_index(site_dir, pages[0], result.suite_name), encoding="utf-8")
     return pages[0]
+
+
+def _site_index(site_dir: Path, validation_page: Path, suite_name: str) -> str:
+    """The Data Docs home page as plain links: the validation and its expectation suite."""
+    links = [(validation_page, f"Validation of suite {suite_name}")]
+    links += [
+        (p, f"Expectation suite {html.escape(p.stem)}")
+        for p in sorted((site_dir / "expectations").glob("*.html"))
+    ]
+    items = "\n".join(
+        f'<li><a href="{html.escape(p.relative_to(site_dir).as_posix())}">{label}</a></li>'
+        for p, label in links
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Data Docs: {suite_name}</title>
+<style>body {{ font-family: system-ui, sans-serif; margin: 2em; }}</style>
+</head><body>
+<h1>Great Expectations Data Docs</h1>
+<ul>
+{items}
+</ul>
+</body></html>
+"""
 
 
 def _cell(value: Any) -> str:
@@ -98,8 +160,7 @@ def render_index_html(result: GateResult, data_docs_page: str | None = None) -> 
         for r in expectation_records(result.results_json)
     ]
     link = (
-        f'<p>Full detail: <a href="{html.escape(data_docs_page)}">Great Expectations Data Docs'
-        "</a> (its pages load styles from public CDNs).</p>"
+        f'<p>Full detail: <a href="{html.escape(data_docs_page)}">Great Expectations Data Docs</a>.</p>'
         if data_docs_page
         else ""
     )
