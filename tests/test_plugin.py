@@ -35,13 +35,18 @@ def test_only_published_reports_are_public(key: str, public: bool) -> None:
     assert is_public(key) is public
 
 
+def anyone() -> None:
+    """Lets every request through: these tests are about which keys are served. Who may read
+    is checked against a real API server in test_security_web.py."""
+
+
 def test_app_serves_reports_and_refuses_the_rest(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     store = Store.from_uri(f"file://{tmp_path}")
     store.put_bytes(f"datasets/shapes/versions/{V}/quality/index.html", b"<h1>gate</h1>")
     store.put_bytes(f"datasets/shapes/versions/{V}/manifest.parquet", b"secret rows")
-    client = TestClient(create_app(lambda: store))
+    client = TestClient(create_app(lambda: store, authorize=anyone))
     ok = client.get(f"/store/datasets/shapes/versions/{V}/quality/index.html")
     assert ok.status_code == 200 and ok.text == "<h1>gate</h1>"
     assert ok.headers["content-type"].startswith("text/html")

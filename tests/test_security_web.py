@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
+from airflow_stack import airflow_stack
 from fastapi.testclient import TestClient
 
 from sd_pipeline.airflow.store_app import create_app
@@ -52,6 +56,11 @@ def hostile_version(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineC
     return cfg, version
 
 
+def anyone() -> None:
+    """Lets every request through, for the tests of what a page holds; who may read is tested
+    against a real API server at the end of this file."""
+
+
 def _pages(store: Store, prefix: str) -> list[str]:
     return [k for k in store.list(f"{prefix}/quality") if k.endswith(".html")]
 
@@ -64,7 +73,7 @@ def test_data_docs_show_hostile_values_as_text_and_load_nothing_from_elsewhere(
     prefix = version_prefix(cfg.dataset.name, version)
     pages = _pages(store, prefix)
     assert any("/data_docs/validations/" in k for k in pages), pages
-    client = TestClient(create_app(lambda: store))
+    client = TestClient(create_app(lambda: store, authorize=anyone))
     shown = 0
     for key in pages:
         page = client.get(f"/store/{key}")
@@ -93,9 +102,47 @@ def test_every_object_the_app_serves_is_sandboxed(hostile_version: tuple[Pipelin
     cfg, version = hostile_version
     store = Store.from_uri(cfg.storage.root)
     prefix = version_prefix(cfg.dataset.name, version)
-    client = TestClient(create_app(lambda: store))
+    client = TestClient(create_app(lambda: store, authorize=anyone))
     for key in (f"{prefix}/DATACARD.md", f"{prefix}/quality/validation.json"):
         got = client.get(f"/store/{key}")
         assert got.status_code == 200, key
         assert got.headers["content-security-policy"] == "sandbox"
         assert got.headers["x-content-type-options"] == "nosniff"
+
+
+# -- who may read: Airflow's own users, as its UI and REST API check them -----------------------
+
+
+def _get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers.items()), response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read().decode()
+
+
+@pytest.mark.slow
+def test_the_report_app_in_airflow_serves_airflow_users_only(
+    home: Path, hostile_version: tuple[PipelineConfig, str]
+) -> None:
+    """The plugin mounted in a real API server with the simple auth manager: no token, no page."""
+    cfg, version = hostile_version
+    config = home / "pipeline.yaml"
+    config.write_text(f"storage:\n  root: {cfg.storage.root}\n")
+    report = f"/sd-pipeline/store/{version_prefix(cfg.dataset.name, version)}/quality/index.html"
+    with airflow_stack(
+        home, services=("api-server",), extra_env={"SD_PIPELINE_CONFIG": str(config)}
+    ) as stack:
+        url = stack.url + report
+        status, _, body = _get(url, {})
+        assert status == 401, body  # nobody: refused, and told to authenticate
+        assert "Quality gate" not in body
+        assert _get(url, {"Authorization": "Bearer not-a-jwt"})[0] in (401, 403)
+        assert _get(url, {"Cookie": "_token=not-a-jwt"})[0] in (401, 403)
+        # A script, with a token from POST /auth/token; the UI, with the same JWT in its cookie.
+        for headers in ({"Authorization": f"Bearer {stack.token()}"}, {"Cookie": f"_token={stack.token()}"}):
+            status, got, body = _get(url, headers)
+            assert status == 200 and "Quality gate <span" in body, (headers, status, body[:300])
+            assert got["content-security-policy"] == "sandbox"
+            assert got["x-content-type-options"] == "nosniff"

@@ -1,16 +1,22 @@
 """A read-only web view of the store's reports, mounted in the Airflow API server.
 
 Serves only what the pipeline publishes for people to read (quality reports, Data Docs,
-data cards, evaluation grids and metrics), never shards, manifests or weights. The API
-server does not put plugin apps behind its login: deploy it where the network is
-trusted, or leave the plugin out (see docs/operations.md).
+data cards, evaluation grids and metrics), never shards, manifests or weights, and only to a
+user of this Airflow who may read DAG runs: the API server does not put plugin apps behind
+its login, so the app makes the same check as Airflow's own DAG-run routes.
 """
 
 from __future__ import annotations
 
 import mimetypes
 import re
-from typing import Any
+from typing import Annotated, Any
+
+# At module level: FastAPI reads the dependency's annotations by name. The plugin builds the
+# app when Airflow imports it, so importing these lazily would save nothing.
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 # Keys a person may open; everything else is 404.
 PUBLIC_KEYS = [
@@ -33,11 +39,32 @@ def is_public(key: str) -> bool:
     return ".." not in key.split("/") and any(p.match(key) for p in PUBLIC_KEYS)
 
 
-def create_app(store_factory: Any = None) -> Any:
-    """The FastAPI app; ``store_factory`` returns the Store (default: the DAGs' config)."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import Response
+_BEARER = HTTPBearer(auto_error=False)
 
+
+async def airflow_run_reader(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> None:
+    """Refuse a request unless it comes from an Airflow user who may read DAG runs.
+
+    Airflow's own checks, as its DAG-run routes make them: the user comes from a bearer token
+    (scripts) or Airflow's JWT cookie (the UI); 401 without one, 403 if it is bad or the user may
+    not read runs. Imported when a request comes: every Airflow process imports the plugin,
+    and this import alone takes ~0.5 s.
+    """
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
+
+    user = await get_user(request, _oauth_token=None, bearer_credentials=credentials)
+    requires_access_dag("GET", DagAccessEntity.RUN)(request, user)
+
+
+def create_app(store_factory: Any = None, authorize: Any = None) -> Any:
+    """The FastAPI app; ``store_factory`` returns the Store (default: the DAGs' config).
+
+    ``authorize`` is a FastAPI dependency that refuses a request whose user may not read the
+    reports (default: Airflow's authenticated user, allowed to read DAG runs).
+    """
     from sd_pipeline.storage import StoreError
 
     def default_store() -> Any:
@@ -48,7 +75,13 @@ def create_app(store_factory: Any = None) -> Any:
         return Store.from_uri(cfg.storage.root, cfg.storage.endpoint_url)
 
     factory = store_factory or default_store
-    app = FastAPI(title="sd-pipeline store", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="sd-pipeline store",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(authorize or airflow_run_reader)],
+    )
 
     @app.get("/store/{key:path}")
     def get_object(key: str) -> Response:
