@@ -11,6 +11,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -89,9 +90,51 @@ def caption_text(shape: str, color: str, background: str) -> str:
 
 def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size: int = 96) -> Path:
     """Write ``count`` good samples plus the bad inputs into ``out_dir``; idempotent."""
-    out_dir = Path(out_dir)
-    done = out_dir / ".complete"
     stamp = json.dumps({"count": count, "seed": seed, "size": size, "bad": BAD_INPUTS})
+    samples = [
+        (caption_text(shape, color, background),
+         lambda rng, t=(shape, color, background): render_shape(*t, size, rng))
+        for shape, color, background in captions_for(count, seed)
+    ]
+    return _write_dataset(Path(out_dir), samples, stamp, seed, size)
+
+
+def generate_world_dataset(
+    out_dir: Path, count: int = 240, seed: int = 0, size: int = 96, new_concept_share: float = 0.5
+) -> Path:
+    """The toy world's version of the dataset (``sd_pipeline.world``): what the demo fine-tunes on.
+
+    ``new_concept_share`` of the samples show ``world.NEW_SHAPE``, the shape the toy base
+    model never saw; the rest show the shapes it knows, so the fine-tune also has to keep
+    drawing those. The same bad inputs as ``generate_shapes_dataset``; idempotent.
+    """
+    from sd_pipeline import world
+
+    if not 0.0 <= new_concept_share <= 1.0:
+        raise ValueError(f"new_concept_share must be within [0, 1]; got {new_concept_share}")
+    stamp = json.dumps({"world": 1, "count": count, "seed": seed, "size": size,
+                        "new_concept_share": new_concept_share, "bad": BAD_INPUTS})
+    rng = random.Random(seed)
+    new = round(count * new_concept_share)
+    scenes = (world.sample_scenes(new, rng, [world.NEW_SHAPE])
+              + world.sample_scenes(count - new, rng, world.KNOWN_SHAPES))
+    rng.shuffle(scenes)
+
+    def png(scene: world.Scene, rng: random.Random) -> bytes:
+        buf = io.BytesIO()
+        world.render(scene, size, rng).save(buf, format="PNG", optimize=False)
+        return buf.getvalue()
+
+    samples = [(scene.caption, lambda rng, scene=scene: png(scene, rng)) for scene in scenes]
+    return _write_dataset(Path(out_dir), samples, stamp, seed, size)
+
+
+def _write_dataset(
+    out_dir: Path, samples: list[tuple[str, Callable[[random.Random], bytes]]], stamp: str, seed: int,
+    size: int,
+) -> Path:
+    """The samples as an imagefolder, then one bad input of each kind; ``.complete`` written last."""
+    done = out_dir / ".complete"
     if done.exists() and done.read_text() == stamp:
         return out_dir
     images = out_dir / "images"
@@ -104,10 +147,10 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
     rng = random.Random(seed + 1)
     index = NearDuplicateIndex(MIN_DISTANCE)
     lines: list[str] = []
-    for i, (shape, color, background) in enumerate(captions_for(count, seed)):
+    for i, (caption, draw) in enumerate(samples):
         name = f"images/{i:05d}.png"
         for _ in range(50):
-            png = render_shape(shape, color, background, size, rng)
+            png = draw(rng)
             h = dhash(Image.open(io.BytesIO(png)))
             if index.find(h) is None:
                 break
@@ -117,7 +160,7 @@ def generate_shapes_dataset(out_dir: Path, count: int = 240, seed: int = 0, size
             json.dumps(
                 {
                     "file_name": name,
-                    "text": caption_text(shape, color, background),
+                    "text": caption,
                     "license": "cc0-1.0",
                     "author": "sd-pipeline synthetic",
                 }
